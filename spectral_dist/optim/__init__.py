@@ -1,0 +1,16 @@
+"""SpectralNewton and the parameter classification it uses."""
+
+from .classify import DEFAULT_ALPHA, ParamInfo, classification_table, classify_parameters
+from .engine import LocalEngine
+from .spectral_newton import SCALES, NonFiniteGradientError, SpectralNewton
+
+__all__ = [
+    "DEFAULT_ALPHA",
+    "LocalEngine",
+    "NonFiniteGradientError",
+    "ParamInfo",
+    "SCALES",
+    "SpectralNewton",
+    "classification_table",
+    "classify_parameters",
+]
