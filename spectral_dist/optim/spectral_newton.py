@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..spectral import METHODS, DecompositionError, spectral_direction
+from ..spectral.decompose import compute_dtype
 from ..spectral.transform import check_alpha, check_damping, inverse_transform, rank_floor
 from .classify import DEFAULT_ALPHA, classification_table, classify_parameters, resolve_alpha_map
 
@@ -219,16 +220,12 @@ class SpectralNewton(torch.optim.Optimizer):
             return False
         return p.ndim >= 2
 
-    def param_name(self, group: Mapping, index: int) -> str:
-        names = group.get("param_names")
-        if names is not None:
-            return names[index]
-        return f"group{self.param_groups.index(group)}.param{index}"
-
     def named_params(self) -> Iterable[tuple[str, torch.Tensor, dict]]:
-        for g in self.param_groups:
+        """(name, param, group); names come from named parameters / from_model, else "group{i}.param{j}"."""
+        for gi, g in enumerate(self.param_groups):
+            names = g.get("param_names")
             for i, p in enumerate(g["params"]):
-                yield self.param_name(g, i), p, g
+                yield (names[i] if names is not None else f"group{gi}.param{i}"), p, g
 
     def resolve_alpha(self, p: torch.Tensor, group: Mapping) -> float:
         a = group["alpha"]
@@ -289,7 +286,7 @@ class SpectralNewton(torch.optim.Optimizer):
         Only the rank that owns p calls this; p's momentum and basis live in ``self.state[p]`` there.
         """
         c = self._counters(p)
-        G = G.detach().float()
+        G = G.detach().to(compute_dtype(G.dtype))  # fp32 for half precision; fp32/fp64 as they are
         if not torch.isfinite(G).all():
             self._note_skip(p, name)
             return None
@@ -363,14 +360,15 @@ class SpectralNewton(torch.optim.Optimizer):
         st = self.state[p]
         if "exp_avg" not in st:
             st["adam_step"] = 0
-            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            dt = compute_dtype(p.dtype)
+            st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         st["adam_step"] += 1
         c["steps"] += 1
         t = st["adam_step"]
         b1, b2 = group["adamw_betas"]
         lr = group["lr"] if group["adamw_lr"] is None else group["adamw_lr"]
-        g = grad.float()
+        g = grad.to(st["exp_avg"].dtype)
         st["exp_avg"].lerp_(g, 1 - b1)
         st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
         denom = (st["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["adamw_eps"])
