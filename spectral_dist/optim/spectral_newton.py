@@ -312,6 +312,7 @@ class SpectralNewton(torch.optim.Optimizer):
                 refresh_every=group["refresh_every"],
                 ns_steps=group["ns_steps"],
                 counter=c,
+                check_finite=False,  # G was checked above; M blends finite tensors
             )
             c["consecutive_failures"] = 0
         except DecompositionError:

@@ -141,9 +141,11 @@ def tracked_direction(
     Ub, S, Wh = robust_svd(B, counter)
     V = Q @ Wh.mT
     w = inverse_transform(S, alpha, damping, rank_floor(m, n, S.dtype))
-    D = (Ub * (S * w).unsqueeze(0)) @ V.mT
     if residual == "scaled" and r < min(m, n):
-        D = D + (G - B @ Q.mT) * w[-1]
+        # U_r diag(S w) V^T + w_r (G - G Q Q^T) with G Q Q^T = U_r diag(S) V^T: one rank-r product, not two
+        D = torch.addmm(G, Ub * (S * (w - w[-1])).unsqueeze(0), V.mT, beta=w[-1].item(), alpha=1.0)
+    else:
+        D = (Ub * (S * w).unsqueeze(0)) @ V.mT
     state["basis"] = V.detach().clone()
     state["step"] = step + 1
     return D
@@ -161,6 +163,7 @@ def spectral_direction(
     ns_steps: int = 5,
     ns_coefficients: str = "quintic",
     counter: dict | None = None,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """U diag(T(sigma; alpha)) V^T for G = U diag(sigma) V^T of shape (..., m, n).
 
@@ -176,13 +179,14 @@ def spectral_direction(
         state, rank, refresh_every: tracked-basis options (see :func:`tracked_direction`).
         ns_steps, ns_coefficients: Newton-Schulz options (see :func:`newton_schulz`).
         counter: optional dict; ``retries`` and ``refreshes`` are incremented in it.
+        check_finite: raise ValueError on a non-finite G (callers that already checked pass False).
     """
     G = _as_matrix(G)
     alpha = check_alpha(alpha)
     damping = check_damping(damping)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not torch.isfinite(G).all():
+    if check_finite and not torch.isfinite(G).all():
         raise ValueError(
             "spectral_direction got a non-finite G; the optimizer skips such steps before calling it"
         )
