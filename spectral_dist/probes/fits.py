@@ -1,0 +1,108 @@
+"""Power-law fits of a layer's curvature spectrum: h_k ~ sigma_k^alpha, sigma_k ~ k^-gamma, h_k ~ k^-s.
+
+Fit rule (one index set K for all three fits, so that for an exact power law s = alpha * gamma holds
+algebraically and the measured ``rel_err`` tests the data, not the bookkeeping):
+
+    K = { k : h_k > 0  and  sigma_k > rel_floor * sigma_1 }
+
+Indices with h_k <= 0 are excluded from the log-log fits but reported through ``negative_fraction`` (the
+fraction of the k with sigma_k > rel_floor * sigma_1 where h_k < 0), so negative curvature is visible rather than
+hidden; the participation ratio uses the positive h_k among those k. The default floor 1e-6 only drops
+directions where the gradient is numerically rank deficient (e.g. beyond the batch's rank). Fewer than ``MIN_POINTS`` indices in K give
+NaN exponents.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "DEFAULT_REL_FLOOR",
+    "MIN_POINTS",
+    "fit_index_set",
+    "loglog_slope",
+    "participation_ratio",
+    "pr_bound",
+    "spectrum_fits",
+]
+
+DEFAULT_REL_FLOOR = 1e-6
+MIN_POINTS = 3
+
+
+def fit_index_set(sigma: torch.Tensor, h: torch.Tensor, rel_floor: float = DEFAULT_REL_FLOOR) -> torch.Tensor:
+    """Boolean mask of the indices used by the fits (see the module docstring)."""
+    if not 0 <= rel_floor < 1:
+        raise ValueError(f"rel_floor must be in [0, 1), got {rel_floor!r}")
+    sigma, h = sigma.double(), h.double()
+    if sigma.numel() == 0 or sigma[0] <= 0:
+        return torch.zeros_like(sigma, dtype=torch.bool)
+    return (h > 0) & (sigma > rel_floor * sigma[0]) & torch.isfinite(h)
+
+
+def loglog_slope(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Least-squares slope of log y on log x (x, y > 0); NaN for fewer than ``MIN_POINTS`` points or
+    a constant x."""
+    x, y = x.double(), y.double()
+    if x.numel() < MIN_POINTS:
+        return math.nan
+    lx, ly = x.log(), y.log()
+    lx = lx - lx.mean()
+    denom = (lx * lx).sum()
+    if denom <= 1e-24:
+        return math.nan
+    return float((lx * (ly - ly.mean())).sum() / denom)
+
+
+def participation_ratio(h: torch.Tensor) -> float:
+    """(sum h_k)^2 / sum h_k^2 over the positive h_k (an effective number of curved directions)."""
+    h = h.double()
+    h = h[h > 0]
+    if h.numel() == 0:
+        return math.nan
+    return float(h.sum() ** 2 / (h * h).sum())
+
+
+def pr_bound(s: float) -> float:
+    """zeta(s)^2 / zeta(2 s): the participation ratio of h_k = k^-s summed over all k (infinite for s <= 1)."""
+    if not math.isfinite(s):
+        return math.nan
+    if s <= 1.0:
+        return math.inf
+    from scipy.special import zeta
+
+    return float(zeta(s) ** 2 / zeta(2.0 * s))
+
+
+def spectrum_fits(sigma: torch.Tensor, h: torch.Tensor, rel_floor: float = DEFAULT_REL_FLOOR) -> dict:
+    """alpha, gamma, s, s_pred = alpha * gamma, rel_err, participation ratio and its bound, negative fraction.
+
+    Args:
+        sigma: singular values of the layer's gradient, descending (length top_k).
+        h: curvature along the matching singular directions, h_k = <E_k, H E_k>.
+        rel_floor: singular values at or below ``rel_floor * sigma_1`` are left out of the fits.
+    """
+    sigma, h = sigma.detach().double().cpu(), h.detach().double().cpu()
+    mask = fit_index_set(sigma, h, rel_floor)
+    k = torch.arange(1, sigma.numel() + 1, dtype=torch.float64)
+    alpha = loglog_slope(sigma[mask], h[mask])
+    gamma = -loglog_slope(k[mask], sigma[mask])
+    s = -loglog_slope(k[mask], h[mask])
+    s_pred = alpha * gamma
+    rel_err = abs(s - s_pred) / abs(s) if math.isfinite(s) and s != 0 else math.nan
+    measured = torch.isfinite(h) & (sigma > rel_floor * sigma[0]) if sigma.numel() else torch.isfinite(h)
+    nmeas = int(measured.sum())
+    neg = float((h[measured] < 0).sum()) / nmeas if nmeas else math.nan
+    return dict(
+        alpha=alpha,
+        gamma=gamma,
+        s=s,
+        s_pred=s_pred,
+        rel_err=rel_err,
+        participation_ratio=participation_ratio(h[measured]),
+        pr_bound=pr_bound(s),
+        negative_fraction=neg,
+        n_fit=int(mask.sum()),
+    )

@@ -1,0 +1,36 @@
+"""``spectral-dist probe``: table, CSV/JSON and plots from a built-in model and from a state-dict checkpoint."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from spectral_dist.cli import main
+from spectral_dist.commands.probe import build
+
+
+def test_probe_cli_builtin_and_checkpoint(tmp_path, capsys):
+    out = tmp_path / "a"
+    assert (
+        main(["probe", "--model", "mlp", "--top_k", "4", "--batch_size", "8", "--output_dir", str(out)]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "| 0.weight |" in text and "gradient-equivalents" in text
+    for f in ("probe.csv", "probe.json", "curvature_loglog.png", "transfer.png"):
+        assert (out / f).stat().st_size > 0
+    rows = list(csv.DictReader(open(out / "probe.csv")))
+    assert [r["layer"] for r in rows] == ["0.weight", "2.weight", "4.weight"]
+    d = json.loads((out / "probe.json").read_text())
+    assert d["cost"]["hvps"] == 3 * 4 and len(d["layers"]["2.weight"]["h"]) == 4
+
+    # a state dict for the same architecture, with different weights, gives different curvature
+    model, _, _ = build("mlp", 8, seed=7, dtype=torch.float64)
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    out2 = tmp_path / "b"
+    args = ["probe", "--model", "mlp", "--checkpoint", str(tmp_path / "sd.pt"), "--top_k", "4"]
+    assert main(args + ["--batch_size", "8", "--output_dir", str(out2), "--no_plots"]) == 0
+    d2 = json.loads((out2 / "probe.json").read_text())
+    assert d2["layers"]["2.weight"]["h"] != d["layers"]["2.weight"]["h"]
+    with pytest.raises(ValueError, match="--model"):
+        main(["probe", "--checkpoint", str(tmp_path / "sd.pt"), "--output_dir", str(out2)])
