@@ -1,0 +1,307 @@
+"""Hugging Face Trainer with SpectralNewton and SpectralDiagnosticsCallback: one process in-process, and two
+processes through the real ``accelerate launch``; diagnostics keys checked in W&B's offline run file."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hf_trainer_script import STEPS, ByteCorpus, diagnostics_callback, make_args, make_model
+
+from spectral_dist.integrations.hf import (
+    CURVATURE_KEYS,
+    SpectralDiagnosticsCallback,
+    spectral_newton_optimizers,
+)
+from spectral_dist.logging import find_offline_runs, read_offline_run
+from spectral_dist.spectral import spectral_direction
+
+ROOT = Path(__file__).resolve().parents[1]
+ATTN = "transformer.h.0.attn.c_attn.weight"
+MLP_UP = "transformer.h.0.mlp.c_fc.weight"
+EXPECTED_TRAJ = (
+    "traj/global/path_length/last",
+    f"traj/{ATTN}/path_length/last",
+    "traj/global/effective_rank",
+)
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    for k, v in dict(
+        WANDB_MODE="offline",
+        WANDB_DIR=str(tmp_path),
+        WANDB_PROJECT="spectral-dist-tests",
+        WANDB_SILENT="true",
+        HF_HUB_OFFLINE="1",
+        WANDB_DISABLE_GIT="true",
+    ).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    return tmp_path
+
+
+def _wandb_history(root: Path) -> list[dict]:
+    runs = find_offline_runs(root)
+    assert len(runs) == 1, runs
+    return read_offline_run(runs[0])["history"]
+
+
+def _check_diagnostics(history: list[dict], log_history: list[dict]) -> None:
+    curv = f"curv/{ATTN}/alpha"
+    for keys in (history, log_history):
+        rows = [r for r in keys if curv in r]
+        assert rows, f"{curv} not logged"
+        assert all(math.isfinite(r[curv]) for r in rows)
+        for k in EXPECTED_TRAJ:
+            assert any(k in r for r in keys), f"{k} not logged"
+    wb = [r for r in history if curv in r]
+    assert [r["train/global_step"] for r in wb] == [2, 4, 5]  # every 2 steps and at the last step
+    assert not any(k.startswith("train/curv/") or k.startswith("train/traj/") for r in history for k in r)
+    assert any("train/loss" in r for r in history)  # the Trainer's own logging still reaches W&B
+
+
+def _expected_first_update(grad: torch.Tensor, alpha: float, opt_group: dict) -> torch.Tensor:
+    """Step 1 of SpectralNewton (nesterov momentum of one gradient is proportional to it): lr * rms-scaled D."""
+    G = grad.reshape(grad.shape[0], -1).double()
+    D = spectral_direction(G, alpha, opt_group["damping"], "svd")
+    D = D * (opt_group["rms_target"] * math.sqrt(D.numel()) / D.norm())
+    return opt_group["lr"] * D
+
+
+class _Capture:
+    """Records weights and (clipped) gradients around the first optimizer step."""
+
+    def __init__(self, model, names):
+        self.named = dict(model.named_parameters())
+        self.names, self.before, self.grad, self.after = names, {}, {}, {}
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        cap = self
+
+        class Cb(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, **kw):
+                if state.global_step == 0:
+                    for n in cap.names:
+                        cap.before[n] = cap.named[n].detach().clone()
+                        cap.grad[n] = cap.named[n].grad.detach().clone()
+
+            def on_optimizer_step(self, args, state, control, **kw):
+                if state.global_step == 0:
+                    cap.after = {n: cap.named[n].detach().clone() for n in cap.names}
+
+        return Cb()
+
+
+def test_curvature_keys_match_recipes():
+    sys.path.insert(0, str(ROOT))
+    from recipes.common.diagnostics import CURVATURE_KEYS as RECIPE_KEYS
+
+    assert tuple(CURVATURE_KEYS) == tuple(RECIPE_KEYS)
+
+
+def test_options_and_schedule_from_training_arguments(tmp_path):
+    args = make_args(
+        tmp_path,
+        report_to=[],
+        lr_scheduler_type="linear",
+        warmup_steps=2,
+        max_steps=10,
+        weight_decay=0.1,
+        adam_beta1=0.8,
+        adam_beta2=0.9,
+        adam_epsilon=1e-6,
+    )
+    model = make_model()
+    opt, sched = spectral_newton_optimizers(model, args, adamw_lr=3e-3, momentum=0.9)
+    by_type = {g["layer_type"]: g for g in opt.param_groups}
+    assert by_type["attention"]["alpha"] == 1.0 and by_type["mlp_up"]["alpha"] == 0.5
+    assert by_type["attention"]["momentum"] == 0.9 and by_type["attention"]["weight_decay"] == 0.1
+    assert by_type["embedding"]["adamw_betas"] == (0.8, 0.9) and by_type["embedding"]["adamw_eps"] == 1e-6
+    assert by_type["embedding"]["adamw_weight_decay"] == 0.1 and by_type["norm"]["adamw_weight_decay"] == 0.0
+    assert by_type["bias"]["adamw_weight_decay"] == 0.0
+    lrs = []
+    for _ in range(4):
+        lrs.append((by_type["attention"]["lr"], by_type["embedding"]["lr"]))
+        opt.step()
+        sched.step()
+    # linear warmup over 2 steps then linear decay to step 10; adamw_lr is scheduled like the matrix lr
+    for i, (a, e) in enumerate(lrs):
+        f = i / 2 if i < 2 else (10 - i) / 8
+        assert a == pytest.approx(1e-2 * f) and e == pytest.approx(3e-3 * f)
+    assert by_type["embedding"]["adamw_lr"] is None
+
+
+def test_engine_guards(tmp_path):
+    cb = SpectralDiagnosticsCallback(every=1)
+    args = make_args(tmp_path, report_to=[])
+    with pytest.raises(RuntimeError, match="not bound to a trainer"):
+        cb.on_train_begin(args, None, None)
+    with pytest.raises(ValueError, match="every must be"):
+        SpectralDiagnosticsCallback(every=0)
+    args.deepspeed = {"zero_optimization": {"stage": 2}}  # as a DeepSpeed run would set it
+    with pytest.raises(ValueError, match="SpectralNewtonTrainer"):
+        spectral_newton_optimizers(make_model(), args)
+
+
+@pytest.mark.slow
+def test_trainer_single_process(offline_wandb):
+    from transformers import Trainer
+
+    tmp = offline_wandb
+    args = make_args(tmp / "trainer")
+    model = make_model()
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt, sched = spectral_newton_optimizers(model, args)
+    trainer = Trainer(model=model, args=args, train_dataset=ByteCorpus(), optimizers=(opt, sched))
+    diag = diagnostics_callback(trainer=trainer)
+    cap = _Capture(model, [ATTN, MLP_UP, "transformer.wte.weight"])
+    trainer.add_callback(diag)
+    trainer.add_callback(cap.callback())
+    trainer.train()
+    import wandb
+
+    wandb.finish()
+
+    # parameters move
+    for n, p in model.named_parameters():
+        assert not torch.equal(p.detach(), init[n]), n
+    # the matrix step is SpectralNewton's: counters, and the exact first update of a by-layer alpha
+    stats = opt.stats()
+    assert stats[ATTN]["kind"] == "spectral" and stats[ATTN]["steps"] == STEPS
+    assert stats[MLP_UP]["kind"] == "spectral" and stats[MLP_UP]["steps"] == STEPS
+    assert stats["transformer.wte.weight"]["kind"] == "adamw"
+    groups = {g["layer_type"]: g for g in opt.param_groups}
+    for name, ltype in ((ATTN, "attention"), (MLP_UP, "mlp_up")):
+        got = (cap.before[name] - cap.after[name]).double()
+        want = _expected_first_update(cap.grad[name], groups[ltype]["alpha"], groups[ltype])
+        assert torch.allclose(got.reshape(want.shape), want, rtol=1e-3, atol=1e-6), name
+        adam = 1e-2 * torch.sign(cap.grad[name])  # AdamW's first step (|g| >> eps)
+        assert not torch.allclose(got.float(), adam, atol=1e-4)
+    # polar factor for attention (alpha = 1): the update's nonzero singular values are nearly all equal
+    # (the LayerNorm before c_attn centres its input, so the gradient has one null direction)
+    sv = torch.linalg.svdvals(cap.before[ATTN] - cap.after[ATTN])
+    sv = sv[sv > 1e-4 * sv.max()]
+    assert len(sv) >= 30 and sv.min() / sv.max() > 0.8
+    # diagnostics reach the Trainer's log history and the W&B offline run file, with the recipes' keys
+    _check_diagnostics(_wandb_history(tmp), trainer.state.log_history)
+    assert diag.monitor.num_sketches == STEPS
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_trainer_accelerate_launch_two_processes(offline_wandb):
+    tmp = offline_wandb
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="true")
+    cmd = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--multi_gpu",  # torchrun, 2 processes; ACCELERATE_USE_CPU keeps them on CPU (gloo)
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(ROOT / "tests" / "hf_trainer_script.py"),
+        str(tmp),
+    ]
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"accelerate launch timed out: {(e.stderr or '')[-3000:]}")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    res = [torch.load(tmp / f"rank{i}.pt", weights_only=False) for i in range(2)]
+    assert [x["world"] for x in res] == [2, 2]
+    assert [x["engine"] for x in res] == ["DistributedEngine"] * 2
+    for n, p in res[0]["final"].items():
+        assert torch.equal(p, res[1]["final"][n]), n  # DDP replicas stay identical
+        assert not torch.equal(p, res[0]["init"][n]), n  # and move
+    # each matrix is stepped by SpectralNewton on exactly one owner rank (the distributed engine)
+    for name in (ATTN, MLP_UP):
+        kinds = {x["stats"][name]["kind"] for x in res}
+        steps = sorted(x["stats"][name]["steps"] for x in res)
+        assert kinds == {"spectral"} and steps == [0, STEPS], (name, steps)
+    assert all(x["stats"]["transformer.wte.weight"]["steps"] == STEPS for x in res)  # AdamW: on every rank
+    assert all(k in res[1]["diag"] for k in EXPECTED_TRAJ)  # trajectory on every rank (all-reduced)
+    assert res[0]["diag"][EXPECTED_TRAJ[0]] == res[1]["diag"][EXPECTED_TRAJ[0]]
+    assert not any(k.startswith("curv/") for k in res[1]["diag"])  # the probe runs on the main process
+    _check_diagnostics(_wandb_history(tmp), res[0]["log_history"])
+    # same global batches as one process with the whole batch: same parameters (float round-off)
+    from hf_trainer_script import main
+
+    (tmp / "single").mkdir()
+    main(str(tmp / "single"), report_to=(), diagnostics=False)
+    ref = torch.load(tmp / "single" / "rank0.pt", weights_only=False)
+    assert ref["world"] == 1 and ref["engine"] == "LocalEngine"
+    for n, p in ref["final"].items():
+        rel = ((res[0]["final"][n] - p).norm() / p.norm()).item()
+        assert rel < 1e-4, (n, rel)
+
+
+@pytest.mark.slow
+def test_trainer_deepspeed_zero2_matches_plain(offline_wandb):
+    """SpectralNewtonTrainer with a DeepSpeed config naming spectral_newton (ZeRO-2, one CPU process: the
+    HF Trainer's accelerate state counts one process per rank when DeepSpeed runs on CPU, so more processes
+    would each train alone) equals the plain SpectralNewtonTrainer with the config's optimizer params."""
+    import json
+
+    from hf_trainer_script import main
+
+    tmp = offline_wandb
+    cfg = ROOT / "configs" / "deepspeed" / "zero2_spectral_newton.json"
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT),
+        DS_ACCELERATOR="cpu",
+        CUDA_VISIBLE_DEVICES="",
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+    )
+    cmd = [sys.executable, str(ROOT / "tests" / "hf_trainer_script.py"), str(tmp), str(cfg)]
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"DeepSpeed run timed out: {(e.stderr or '')[-3000:]}")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    ds = torch.load(tmp / "rank0.pt", weights_only=False)
+    assert ds["optimizer"] == "ZeroSpectralNewton"
+    assert {g["lr"] for g in ds["groups"]} == {1e-3}  # the config's lr (and adamw_lr, now scheduled) win
+    assert ds["stats"][ATTN]["kind"] == "spectral" and ds["stats"][ATTN]["steps"] == STEPS
+    # the probe runs under DeepSpeed (the trajectory monitor needs .grad, which ZeRO keeps in partitions)
+    history = _wandb_history(tmp)
+    assert [r["train/global_step"] for r in history if f"curv/{ATTN}/alpha" in r] == [2, 4, 5]
+    assert not any(k.startswith("traj/") for k in ds["diag"])
+
+    params = json.loads(cfg.read_text())["optimizer"]["params"]
+    opts = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items() if k != "alpha"}
+    (tmp / "plain").mkdir()
+    main(str(tmp / "plain"), report_to=(), diagnostics=False, spectral_options=opts)
+    ref = torch.load(tmp / "plain" / "rank0.pt", weights_only=False)
+    assert ref["optimizer"] == "SpectralNewton"
+    for n, p in ref["final"].items():
+        assert not torch.equal(p, ref["init"][n]), n
+        rel = ((ds["final"][n] - p).norm() / p.norm()).item()
+        assert rel < 1e-4, (n, rel)
