@@ -24,6 +24,20 @@ alignment_k = (u_k^T B u_k)(v_k^T A v_k) / (lambda_max(B) lambda_max(A)) in [0, 
 u_k and v_k are top eigenvectors of B and A, e.g. for k = 1 at batch size 1 where G = g a^T, B = g g^T,
 A = a a^T.
 
+Two definitions of h_k (``h=``):
+
+* ``"rayleigh"`` (default): h_k = <E_k, H E_k>, the curvature along the gradient's own singular directions.
+  It answers "how curved is the loss along the directions the optimizer moves?": the quantity the Spectral
+  Newton step sigma_k / h_k divides by, and the one alpha (h_k ~ sigma_k^alpha) is defined with. A Rayleigh
+  quotient: between the block's extreme eigenvalues, possibly negative.
+* ``"eigen"``: h_k = lambda_k(H), the k-th largest eigenvalue of the layer's Hessian block (Lanczos on HVPs,
+  :func:`.lanczos.lanczos`), paired by rank with sigma_k. It answers "does the layer's own curvature spectrum
+  decay like its gradient spectrum?" (the Hessian decay exponent s of h_k ~ k^-s, independent of the gradient
+  directions), and needs no alignment assumption. ``overlap`` (reported next to ``phi``) is
+  |<q_k, u_k v_k^T>| for the unit eigenvector q_k: when it is near 1 for every k the gradient's singular
+  directions are the Hessian's eigenvectors and both definitions agree; when it is small, the Rayleigh h_k
+  mixes several eigenvalues. Cost: the Lanczos HVPs (a few per pair) instead of one HVP per pair.
+
 Cost is reported in gradient-equivalents: 1 for the probe's gradient, plus the HVP backend's cost
 (fd: exactly 2 gradients per HVP), plus top_k double-backward products per layer for ``kfac_b="hessian"``.
 """
@@ -43,13 +57,16 @@ from ..optim.classify import classify_parameters
 from .fits import DEFAULT_REL_FLOOR, loglog_slope, spectrum_fits
 from .hvp import BACKENDS, NOMINAL_COST, make_hvp, math_attention
 from .kfac import KFACCollector, kfac_kind, matrix_view, param_view
+from .lanczos import lanczos
 from .state import preserve_training_state, rng_state, set_rng_state
 
-__all__ = ["CurvatureProbe", "LayerCurvature", "ProbeReport", "ESTIMATORS", "MODES"]
+__all__ = ["CurvatureProbe", "LayerCurvature", "ProbeReport", "ESTIMATORS", "MODES", "H_DEFINITIONS"]
 
 ESTIMATORS = ("per_layer", "all_layers")
 MODES = ("eval", "train", "current")
 KFAC_B = ("empirical", "hessian")
+H_DEFINITIONS = ("rayleigh", "eigen")
+EIGEN_TOL = 1e-4  # relative Lanczos residual for h="eigen" (eigenvalue error ~ tol^2 * ||H|| / gap)
 DEFAULT_LAYER_TYPES = ("conv", "attention", "mlp_up", "mlp_down", "matrix", "head")
 SCALARS = (
     "alpha",
@@ -63,7 +80,7 @@ SCALARS = (
     "alpha_kfac",
     "n_fit",
 )
-VECTORS = ("sigma", "h", "h_kfac", "phi", "alignment")
+VECTORS = ("sigma", "h", "h_kfac", "phi", "alignment", "overlap")
 
 
 @dataclass
@@ -88,6 +105,7 @@ class LayerCurvature:
     phi: torch.Tensor | None = None
     alignment: torch.Tensor | None = None
     alpha_kfac: float = math.nan
+    overlap: torch.Tensor | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -108,6 +126,7 @@ class ProbeReport:
     samples: int
     loss: float
     cost: dict = field(default_factory=dict)
+    h: str = "rayleigh"
 
     def to_dict(self) -> dict:
         return dict(
@@ -117,6 +136,7 @@ class ProbeReport:
             samples=self.samples,
             loss=self.loss,
             cost=dict(self.cost),
+            h=self.h,
             layers={n: lc.to_dict() for n, lc in self.layers.items()},
         )
 
@@ -203,6 +223,8 @@ class CurvatureProbe:
         grad_fn: fd only: how to compute gradients (see :func:`.hvp.make_hvp`).
         seed: seed of the Rademacher signs (a private generator: the global RNG is not consumed).
         optimizer: optional optimizer whose state is also guarded.
+        h: ``"rayleigh"`` (h_k = <E_k, H E_k>) or ``"eigen"`` (h_k = k-th eigenvalue of the layer's Hessian
+            block, with ``overlap``); see the module docstring for what each answers.
     """
 
     def __init__(
@@ -223,6 +245,7 @@ class CurvatureProbe:
         grad_fn: Callable | None = None,
         seed: int = 0,
         optimizer: torch.optim.Optimizer | None = None,
+        h: str = "rayleigh",
     ):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -236,6 +259,12 @@ class CurvatureProbe:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if h not in H_DEFINITIONS:
+            raise ValueError(f"h must be one of {H_DEFINITIONS}, got {h!r}")
+        if h == "eigen" and estimator == "all_layers":
+            raise ValueError(
+                "h='eigen' runs Lanczos per layer; estimator='all_layers' applies to h='rayleigh'"
+            )
         if kfac_b not in KFAC_B:
             raise ValueError(f"kfac_b must be one of {KFAC_B}, got {kfac_b!r}")
         if not 0 <= rel_floor < 1:
@@ -245,6 +274,7 @@ class CurvatureProbe:
         self.estimator, self.samples, self.rel_floor = estimator, samples, rel_floor
         self.kfac, self.kfac_b, self.fd_eps, self.grad_fn = kfac, kfac_b, fd_eps, grad_fn
         self.seed, self.optimizer = seed, optimizer
+        self.h = h
         self.specs = self._select(layers)
 
     def _select(self, layers):
@@ -316,7 +346,13 @@ class CurvatureProbe:
 
         set_rng_state(rng0)  # HVP passes draw the same dropout masks as the gradient pass
         hvp = make_hvp(self.model, self.loss_fn, batch, params, self.hvp, self.fd_eps, self.grad_fn)
-        h = self._per_layer(hvp, dirs) if self.estimator == "per_layer" else self._all_layers(hvp, dirs)
+        overlaps = None
+        if self.h == "eigen":
+            h, overlaps = self._eigen(hvp, dirs, rng0)
+        elif self.estimator == "per_layer":
+            h = self._per_layer(hvp, dirs)
+        else:
+            h = self._all_layers(hvp, dirs)
 
         layers = {}
         for i, s in enumerate(specs):
@@ -330,6 +366,8 @@ class CurvatureProbe:
                 h=h[i].clone(),
                 **fits,
             )
+            if overlaps is not None:
+                lc.overlap = overlaps[i]
             A, B = collector.factors(s["name"]) if s["name"] in kspecs else (None, None)
             if A is not None and B is not None:
                 vAv = torch.einsum("ik,ij,jk->k", V, A.double(), V)
@@ -347,7 +385,7 @@ class CurvatureProbe:
             gradient_equivalents=1.0 + hvp.cost + extra_cost,
         )
         return ProbeReport(
-            layers, self.hvp, self.estimator, self.top_k, self.samples, float(loss.detach()), cost
+            layers, self.hvp, self.estimator, self.top_k, self.samples, float(loss.detach()), cost, h=self.h
         )
 
     def _add_kfac(self, lc: LayerCurvature, uBu, vAv, A, B, U) -> None:
@@ -377,6 +415,28 @@ class CurvatureProbe:
                 vals.append(self._inner(E, hvp(v)[i]))
             out.append(torch.tensor(vals, dtype=torch.float64))
         return out
+
+    def _eigen(self, hvp, dirs, rng) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Top eigenpairs of each layer's Hessian block (as many as sigma_k) and |<q_k, E_k>|."""
+        L = len(dirs)
+        hs, overlaps = [], []
+        for i in range(L):
+            p = self.specs[i]["param"]
+
+            def matvec(x, i=i, p=p):
+                set_rng_state(rng)  # one fixed operator, also under dropout
+                v = [None] * L
+                v[i] = x.view(p.shape).to(p.dtype)
+                return hvp(v)[i].reshape(-1).double()
+
+            r = len(dirs[i])
+            res = lanczos(
+                matvec, p.numel(), r, tol=EIGEN_TOL, seed=self.seed, dtype=torch.float64, device=p.device
+            )
+            E = torch.stack([e.reshape(-1).double() for e in dirs[i]])
+            hs.append(res.eigenvalues.cpu())
+            overlaps.append((res.eigenvectors * E.to(res.eigenvectors.device)).sum(1).abs().cpu())
+        return hs, overlaps
 
     def _all_layers(self, hvp, dirs) -> list[torch.Tensor]:
         L = len(dirs)

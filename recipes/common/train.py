@@ -1,0 +1,273 @@
+"""The training loop every recipe shares: accelerate, gradient accumulation, evaluation, logging,
+diagnostics, checkpoints and exact resume.
+
+A recipe builds a :class:`Task` (model, data, loss, eval) and calls :func:`train`. Exact resume: the
+checkpoint (``accelerator.save_state``) holds model, optimizer, scheduler, every process's RNG states and a
+:class:`TrainState` with the step; the data position is ``step * grad_accum`` global micro-batches of the
+:class:`~common.data.ResumableSampler`, so the resumed run continues with the batch it would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+
+from spectral_dist.logging import RunLogger
+
+from .accel import make_accelerator
+from .config import config_to_dict
+from .data import ResumableSampler, eval_index_batches
+from .deepspeed import prepare_deepspeed
+from .diagnostics import RecipeDiagnostics, matrix_names
+from .optim import build_optimizer, warmup_cosine
+
+__all__ = ["Task", "TrainState", "train", "latest_checkpoint"]
+
+
+@dataclass
+class Task:
+    """What a recipe supplies to :func:`train`.
+
+    Attributes:
+        name: recipe name (W&B group default, checkpoint metadata).
+        build_model: ``cfg -> nn.Module``, called after seeding, identically on every process.
+        train_data, val_data: map-style datasets (train items are looked up by ``(index, epoch)``).
+        collate: list of items -> batch.
+        loss_fn: ``(model, batch) -> scalar loss``.
+        eval_fn: ``(model, batch, mask) -> {name: summed tensor}``; sums are reduced over processes.
+        eval_metrics: ``sums -> {"val/...": float}``.
+        main_metric: the key of ``eval_metrics`` reports rank runs by (e.g. ``val/acc``).
+    """
+
+    name: str
+    build_model: Callable
+    train_data: object
+    val_data: object
+    collate: Callable
+    loss_fn: Callable
+    eval_fn: Callable
+    eval_metrics: Callable
+    main_metric: str
+    to_device: Callable | None = None
+
+
+class TrainState:
+    """Loop counters saved with every checkpoint (registered with ``accelerator.register_for_checkpointing``)."""
+
+    def __init__(self):
+        self.step = 0
+        self.wandb_id = None
+        self.best = None
+
+    def state_dict(self):
+        return {"step": self.step, "wandb_id": self.wandb_id, "best": self.best}
+
+    def load_state_dict(self, sd):
+        self.step, self.wandb_id, self.best = int(sd["step"]), sd.get("wandb_id"), sd.get("best")
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    ckpts = sorted(Path(output_dir, "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def _move(batch, device):
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_move(b, device) for b in batch)
+    return batch.to(device, non_blocking=True) if torch.is_tensor(batch) else batch
+
+
+def _loader(dataset, sampler_or_batches, collate, num_workers):
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler_or_batches,
+        collate_fn=collate,
+        num_workers=num_workers,
+        persistent_workers=False,
+    )
+
+
+@torch.no_grad()
+def evaluate(cfg, task: Task, accelerator: Accelerator, model) -> dict:
+    """Task metrics over the validation split (or ``eval_batches`` batches of it), on every process."""
+    model.eval()
+    batches = eval_index_batches(
+        len(task.val_data),
+        cfg.batch_size,
+        accelerator.process_index,
+        accelerator.num_processes,
+        cfg.eval_batches,
+    )
+    sums: dict[str, torch.Tensor] = {}
+    masks = [torch.tensor(m) for _, m in batches]
+    loader = _loader(task.val_data, [idx for idx, _ in batches], task.collate, cfg.num_workers)
+    for batch, mask in zip(loader, masks):
+        batch = _move(batch, accelerator.device)
+        with accelerator.autocast():
+            out = task.eval_fn(model, batch, mask.to(accelerator.device))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0) + v.detach().double()
+    keys = sorted(sums)
+    vec = torch.stack([sums[k] for k in keys]).to(accelerator.device)
+    vec = accelerator.reduce(vec, reduction="sum")
+    model.train()
+    return task.eval_metrics(dict(zip(keys, vec.tolist())))
+
+
+def _save(accelerator, cfg, state: TrainState):
+    path = Path(cfg.output_dir, "checkpoints", f"step_{state.step}")
+    accelerator.save_state(str(path))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and cfg.keep_checkpoints > 0:
+        ckpts = sorted(path.parent.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+        for old in ckpts[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def train(cfg, task: Task) -> dict:
+    """Train ``task`` as ``cfg`` says; returns the final metrics (on every process)."""
+    accelerator = make_accelerator(cfg)
+    dist = accelerator.distributed_type
+    set_seed(cfg.seed)  # same seed everywhere: identical initial weights on every process
+    model = task.build_model(cfg)
+    matrices = matrix_names(model)
+    if dist == DistributedType.DEEPSPEED:
+        model, optimizer = prepare_deepspeed(accelerator, cfg, model)
+    else:
+        model, optimizer = accelerator.prepare(model, build_optimizer(cfg, model))
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    diagnostics = RecipeDiagnostics(cfg, accelerator, model, task, matrices)  # registers checkpointed state
+
+    if cfg.resume:
+        ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume in ("latest", "auto") else Path(cfg.resume)
+        if ckpt is not None and ckpt.is_dir():
+            accelerator.load_state(str(ckpt))
+            accelerator.print(f"resumed from {ckpt} at step {state.step}")
+        elif cfg.resume != "auto":
+            raise FileNotFoundError(
+                f"--resume {cfg.resume}: no checkpoint found (looked in {cfg.output_dir})"
+            )
+
+    logger = None
+    if accelerator.is_main_process:
+        run_cfg = config_to_dict(cfg) | {
+            "recipe": task.name,
+            "world_size": accelerator.num_processes,
+            "distributed_type": str(dist),
+            "mixed_precision_effective": accelerator.mixed_precision,
+            "num_parameters": sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
+            "train_size": len(task.train_data),
+            "val_size": len(task.val_data),
+            "main_metric": task.main_metric,
+        }
+        logger = RunLogger(
+            cfg.output_dir,
+            project=cfg.wandb_project,
+            name=cfg.run_name or Path(cfg.output_dir).name,
+            group=cfg.wandb_group or task.name,
+            config=run_cfg,
+            mode=cfg.wandb_mode,
+            resume_id=state.wandb_id,
+        )
+        state.wandb_id = logger.run_id
+
+    diagnostics.logger = logger
+    sampler = ResumableSampler(
+        len(task.train_data),
+        cfg.batch_size,
+        accelerator.process_index,
+        accelerator.num_processes,
+        seed=cfg.seed,
+        start=state.step * cfg.grad_accum,
+    )
+    batches = iter(_loader(task.train_data, sampler, task.collate, cfg.num_workers))
+    global_batch = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+
+    progress = None
+    if accelerator.is_main_process and cfg.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.max_steps, initial=state.step, desc=task.name, dynamic_ncols=True)
+    model.train()
+    window_loss, window_n, t0 = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
+    metrics: dict = {}
+    while state.step < cfg.max_steps:
+        for _ in range(cfg.grad_accum):
+            batch = _move(next(batches), accelerator.device)
+            with accelerator.accumulate(model):
+                loss = task.loss_fn(model, batch)
+                accelerator.backward(loss)
+            window_loss += loss.detach().float()
+            window_n += 1
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        diagnostics.after_backward(state.step)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        last = state.step == cfg.max_steps
+        if progress is not None:
+            progress.update(1)
+
+        if state.step % cfg.log_every == 0 or last:
+            avg = accelerator.reduce(window_loss / max(1, window_n), reduction="mean").item()
+            dt = time.perf_counter() - t0
+            metrics = {
+                "train/loss": avg,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/samples_per_s": global_batch * window_n / cfg.grad_accum / max(dt, 1e-9),
+                "train/epoch": state.step * cfg.grad_accum / sampler.batches_per_epoch,
+            }
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
+            if not math.isfinite(avg):
+                raise FloatingPointError(f"training loss is {avg} at step {state.step}; lower --lr")
+            if logger is not None:
+                logger.log(metrics, step=state.step)
+            if progress is not None:
+                progress.set_postfix(loss=f"{avg:.4f}")
+            window_loss.zero_()
+            window_n, t0 = 0, time.perf_counter()
+
+        if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
+            ev = evaluate(cfg, task, accelerator, model)
+            if logger is not None:
+                logger.log(ev, step=state.step)
+                accelerator.print(
+                    f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()), flush=True
+                )
+            m = ev.get(task.main_metric)
+            if m is not None:
+                better = state.best is None or (
+                    m < state.best if "loss" in task.main_metric else m > state.best
+                )
+                state.best = m if better else state.best
+            metrics.update(ev)
+
+        diagnostics.maybe_log(state.step, last)
+
+        if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or last:
+            _save(accelerator, cfg, state)
+
+    if progress is not None:
+        progress.close()
+    if logger is not None:
+        logger.summary({"final_step": state.step, f"best/{task.main_metric}": state.best, **metrics})
+        logger.finish()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics

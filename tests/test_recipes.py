@@ -1,0 +1,382 @@
+"""The recipes end to end through the real ``accelerate launch`` on CPU: 1 and 2 processes (DDP), FSDP2 and
+DeepSpeed ZeRO-2 for the ViT, exact resume, the W&B offline run's diagnostics keys, and a report built
+from two finished runs. All runs are tiny (a few steps of small models) and start together in a fixture."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+ENV = dict(
+    os.environ,
+    WANDB_MODE="offline",
+    HF_HUB_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    OMP_NUM_THREADS="1",
+    DS_ACCELERATOR="cpu",
+    PYTHONPATH=str(ROOT),
+    WANDB_SILENT="true",
+)
+ENV.pop("WANDB_API_KEY", None)
+COMMON = [
+    "--max_steps",
+    "4",
+    "--eval_every",
+    "2",
+    "--log_every",
+    "1",
+    "--eval_batches",
+    "2",
+    "--diag_every",
+    "4",
+    "--probe_layers",
+    "2",
+    "--probe_top_k",
+    "3",
+    "--probe_batch_size",
+    "16",
+    "--traj_log_every",
+    "2",
+    "--traj_sketch_dim",
+    "16",
+    "--checkpoint_every",
+    "2",
+    "--progress",
+    "false",
+    "--batch_size",
+    "8",
+    "--warmup_steps",
+    "1",
+]
+TINY = {
+    "vit_imagenet": ["--hidden", "32", "--layers", "2", "--heads", "2", "--patch_size", "8"],
+    "resnet_cifar": ["--width", "4", "--stages", "2"],
+    "gpt_lm": [
+        "--n_embd",
+        "32",
+        "--n_layer",
+        "1",
+        "--n_head",
+        "2",
+        "--seq_len",
+        "32",
+        "--max_corpus_bytes",
+        "60000",
+    ],
+}
+ONE = [
+    "--cpu",
+    "--num_processes",
+    "1",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
+TWO = [
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
+FSDP2 = ["--config_file", "configs/accelerate/fsdp2.yaml", "--num_processes", "2", "--mixed_precision", "no"]
+ZERO2 = [
+    "--config_file",
+    "configs/accelerate/deepspeed_zero2.yaml",
+    "--num_processes",
+    "2",
+    "--mixed_precision",
+    "no",
+]
+MAX_PARALLEL = 3
+TIMEOUT = 600
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(launch_args, recipe, out: Path, extra=()):
+    cmd = [
+        ACCELERATE,
+        "launch",
+        *launch_args,
+        "--main_process_port",
+        str(_port()),
+        f"recipes/{recipe}.py",
+        *COMMON,
+        *TINY[recipe],
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out.parent / f"{out.name}.log", "w")
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT), log
+
+
+def make_jpeg_folder(root: Path, classes=3, per_class=(6, 3)) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val"), per_class):
+        for c in range(classes):
+            d = root / split / f"n0000{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                w, h = int(rng.integers(36, 60)), int(rng.integers(36, 60))
+                arr = (rng.random((h, w, 3)) * 80 + 60 * c).clip(0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(d / f"img_{i}.JPEG", quality=85)
+    return root
+
+
+def make_cifar_folder(root: Path, per_batch=20) -> Path:
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, per_batch).tolist()
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        with open(d / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, f)
+    return d
+
+
+def make_parquet(path: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [f"def f{i}(x):\n    return x * {i} + {i % 7}  # line {i}\n" for i in range(600)]
+    pq.write_table(pa.table({"text": rows}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Start every run (at most MAX_PARALLEL at once) and wait; returns {name: (returncode, output_dir)}."""
+    base = tmp_path_factory.mktemp("recipes")
+    data = make_jpeg_folder(base / "imagenet")
+    cifar = make_cifar_folder(base / "cifar")
+    parquet = make_parquet(base / "corpus.parquet")
+    specs = {
+        "vit_1": (ONE, "vit_imagenet", []),
+        "vit_ddp_folder": (
+            TWO,
+            "vit_imagenet",
+            ["--data_dir", str(data), "--image_size", "32", "--optimizer", "adamw"],
+        ),
+        "vit_fsdp2": (FSDP2, "vit_imagenet", ["--batch_size", "4"]),
+        "vit_zero2": (ZERO2, "vit_imagenet", []),
+        "resnet_1": (ONE, "resnet_cifar", ["--grad_accum", "2", "--batch_size", "4"]),
+        "resnet_ddp_cifar": (TWO, "resnet_cifar", ["--data_dir", str(cifar), "--optimizer", "adamw"]),
+        "gpt_1": (ONE, "gpt_lm", ["--optimizer", "adamw", "--mixed_precision", "bf16"]),
+        "gpt_ddp_parquet": (TWO, "gpt_lm", ["--data_path", str(parquet), "--optimizer", "muon"]),
+    }
+    pending, running, done = list(specs.items()), {}, {}
+    t0 = time.time()
+    while pending or running:
+        while pending and len(running) < MAX_PARALLEL:
+            name, (la, recipe, extra) = pending.pop(0)
+            running[name] = _launch(la, recipe, base / name, extra)
+        for name, (proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                done[name] = (proc.returncode, base / name)
+                del running[name]
+        if time.time() - t0 > TIMEOUT:
+            for proc, _ in running.values():
+                proc.kill()
+            pytest.fail(f"recipe runs timed out: {sorted(running)}")
+        time.sleep(0.5)
+    return done
+
+
+def _ok(runs, name) -> Path:
+    rc, out = runs[name]
+    log = (out.parent / f"{name}.log").read_text()
+    assert rc == 0, f"{name} failed (rc {rc}):\n{log[-5000:]}"
+    return out
+
+
+def _records(out: Path):
+    from spectral_dist.logging import read_jsonl
+
+    return read_jsonl(out / "metrics.jsonl")
+
+
+def _config(out: Path):
+    import json
+
+    return json.loads((out / "config.json").read_text())
+
+
+def _last(records, key):
+    vals = [r[key] for r in records if key in r]
+    assert vals, f"no {key} logged"
+    return vals[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,world,dist",
+    [
+        ("vit_1", 1, "NO"),
+        ("vit_ddp_folder", 2, "MULTI_CPU"),
+        ("vit_fsdp2", 2, "FSDP"),
+        ("vit_zero2", 2, "DEEPSPEED"),
+        ("resnet_1", 1, "NO"),
+        ("resnet_ddp_cifar", 2, "MULTI_CPU"),
+        ("gpt_1", 1, "NO"),
+        ("gpt_ddp_parquet", 2, "MULTI_CPU"),
+    ],
+)
+def test_recipe_runs(runs, name, world, dist):
+    out = _ok(runs, name)
+    cfg = _config(out)
+    assert cfg["world_size"] == world and cfg["distributed_type"].endswith(dist)
+    assert cfg["git_sha"] and cfg["max_steps"] == 4
+    recs = _records(out)
+    steps = sorted({r["step"] for r in recs if "train/loss" in r and r["step"] is not None})
+    assert steps == [1, 2, 3, 4]
+    metric = cfg["main_metric"]
+    assert np.isfinite(_last(recs, metric)) and np.isfinite(_last(recs, "train/loss"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    # curvature diagnostics at the last step: every key for every probed layer (a fit with too few
+    # positive h_k at initialisation is NaN), and a finite participation ratio
+    last = {k: v for r in recs if r.get("step") == 4 for k, v in r.items() if k.startswith("curv/")}
+    layers = {k.rsplit("/", 1)[0] for k in last if k.endswith("/participation_ratio")}
+    assert len(layers) == 2, sorted(last)
+    for lay in layers:
+        for m in ("alpha", "gamma", "s", "s_pred", "rel_err", "participation_ratio"):
+            assert f"{lay}/{m}" in last, (lay, m)
+        assert np.isfinite(float(last[f"{lay}/participation_ratio"]))
+    if name.startswith("resnet"):  # conv layers: positive curvature, finite exponents even at init
+        assert any(np.isfinite(float(last[f"{lay}/alpha"])) for lay in layers)
+    if dist != "DEEPSPEED":
+        assert _last(recs, "traj/global/num_sketches") == 4
+
+
+@pytest.mark.slow
+def test_data_paths_and_optimizers_were_used(runs):
+    vit = _config(_ok(runs, "vit_ddp_folder"))
+    assert (
+        vit["data_dir"] and vit["train_size"] == 18 and vit["val_size"] == 9 and vit["optimizer"] == "adamw"
+    )
+    res = _config(_ok(runs, "resnet_ddp_cifar"))
+    assert res["train_size"] == 100 and res["val_size"] == 20
+    gpt = _config(_ok(runs, "gpt_ddp_parquet"))
+    assert gpt["optimizer"] == "muon" and gpt["data_path"].endswith(".parquet")
+    assert _config(_ok(runs, "vit_1"))["optimizer"] == "spectral_newton"
+    assert _config(_ok(runs, "gpt_1"))["mixed_precision_effective"] == "bf16"
+    assert _config(_ok(runs, "resnet_1"))["grad_accum"] == 2
+
+
+@pytest.mark.slow
+def test_fsdp2_matches_single_process(runs):
+    """FSDP2 on 2 processes x 4 samples sees the same global batches (and eval samples) as 1 process x 8."""
+    one = _records(_ok(runs, "vit_1"))
+    two = _records(_ok(runs, "vit_fsdp2"))
+    for key in ("train/loss", "val/loss"):
+        a, b = _last(one, key), _last(two, key)
+        assert abs(a - b) <= 1e-4 * abs(a), (key, a, b)
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_diagnostics(runs):
+    from spectral_dist.logging import find_offline_runs, read_offline_run
+
+    out = _ok(runs, "vit_1")
+    offline = find_offline_runs(out)
+    assert len(offline) == 1
+    run = read_offline_run(offline[0])
+    keys = {k for row in run["history"] for k in row}
+    layer_keys = [k for k in keys if k.startswith("curv/") and k.endswith("/alpha")]
+    assert layer_keys, sorted(keys)[:50]
+    layer = layer_keys[0][: -len("/alpha")]
+    for m in ("gamma", "s", "s_pred", "rel_err", "participation_ratio"):
+        assert f"{layer}/{m}" in keys, m
+    assert "traj/global/path_length/last" in keys and "traj/global/predictable_rank_90" in keys
+    assert any(k.startswith("curv/loglog") for k in keys), "log-log plot not logged as an image"
+    assert {"train/loss", "val/acc", "val/loss"} <= keys
+    assert (
+        run["config"]["git_sha"] == _config(out)["git_sha"]
+        and run["config"]["optimizer"] == "spectral_newton"
+    )
+    assert list((out / "plots").glob("curv_loglog_step4.png"))
+
+
+@pytest.mark.slow
+def test_resume_is_exact(runs, tmp_path):
+    """Resume the 1-process ViT from its step-2 checkpoint in fresh processes: steps 3-4 match exactly."""
+    src = _ok(runs, "vit_1")
+    out = tmp_path / "vit_resumed"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / "step_2", out / "checkpoints" / "step_2")
+    proc, log = _launch(ONE, "vit_imagenet", out, ["--resume", "latest"])
+    try:
+        rc = proc.wait(timeout=TIMEOUT)
+    finally:
+        log.close()
+    text = (out.parent / f"{out.name}.log").read_text()
+    assert rc == 0, text[-5000:]
+    assert "resumed from" in text
+    a, b = _records(src), _records(out)
+    for key in ("train/loss", "train/grad_norm", "val/loss", "traj/global/path_length/last"):
+        va = [r[key] for r in a if r.get("step") in (3, 4) and key in r]
+        vb = [r[key] for r in b if r.get("step") in (3, 4) and key in r]
+        assert va and va == vb, (key, va, vb)
+    assert not [r for r in b if r.get("step") in (1, 2) and "train/loss" in r]
+
+
+@pytest.mark.slow
+def test_report_from_two_runs(runs, tmp_path):
+    from spectral_dist.cli import main
+
+    a, b = _ok(runs, "resnet_1"), _ok(runs, "resnet_ddp_cifar")
+    for source in ("jsonl", "wandb"):
+        out = tmp_path / f"report_{source}"
+        rc = main(
+            [
+                "report",
+                str(a),
+                str(b),
+                "--metric",
+                "val/loss",
+                "--target",
+                "100",
+                "--out",
+                str(out),
+                "--source",
+                source,
+            ]
+        )
+        assert rc == 0
+        md = (out / "report.md").read_text()
+        assert "| resnet_cifar | adamw |" in md and "| resnet_cifar | spectral_newton |" in md
+        assert (out / "resnet_cifar_val_loss_curves.png").stat().st_size > 1000
+        assert (out / "best_val_loss.png").stat().st_size > 1000
+        import pandas as pd
+
+        summary = pd.read_csv(out / "summary.csv")
+        assert set(summary["optimizer"]) == {"adamw", "spectral_newton"}
+        assert (summary["reached"] == 1).all() and (summary["steps_to_target"] == 2).all()

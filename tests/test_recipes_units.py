@@ -1,0 +1,195 @@
+"""Fast in-process checks of the recipes' building blocks: config parsing, data, transforms, optimizers."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+
+from common import data as D  # noqa: E402
+from common.config import parse_config  # noqa: E402
+from common.optim import MuonWithAdamW, build_optimizer, warmup_cosine  # noqa: E402
+from vit_imagenet import ViTRecipeConfig, build_model  # noqa: E402
+
+from spectral_dist.optim import SpectralNewton  # noqa: E402
+
+
+def test_config_precedence_and_errors(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 0.01\nhidden: 48\nbetas: [0.8, 0.9]\nmixed_precision: bf16\n")
+    cfg = parse_config(ViTRecipeConfig, ["--config", str(y), "--lr", "0.02", "--resume", "none"])
+    assert cfg.lr == 0.02 and cfg.hidden == 48 and cfg.betas == (0.8, 0.9) and cfg.resume is None
+    assert cfg.image_size == 32 and cfg.mixed_precision == "bf16"
+    assert parse_config(ViTRecipeConfig, ["--model", "vit_s16"]).image_size == 224
+    assert parse_config(ViTRecipeConfig, ["--progress", "false"]).progress is False
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 0.1\n")
+    for argv in (
+        ["--config", str(bad)],
+        ["--optimizer", "sgd"],
+        ["--max_steps", "1.5"],
+        ["--model", "vit_h14"],
+        ["--image_size", "30"],
+        ["--data_dir", "a", "--dataset", "b"],
+        ["--mixed_precision", "fp8"],
+        ["--config", str(tmp_path / "missing.yaml")],
+    ):
+        with pytest.raises(SystemExit):
+            parse_config(ViTRecipeConfig, argv)
+
+
+def test_sampler_resumes_exactly_and_shards():
+    full = D.ResumableSampler(50, 4, rank=0, world_size=1, seed=3)
+    it = iter(full)
+    seq = [next(it) for _ in range(30)]  # crosses epochs (12 batches per epoch)
+    resumed = iter(D.ResumableSampler(50, 4, seed=3, start=17))
+    assert [next(resumed) for _ in range(13)] == seq[17:]
+    assert {e for b in seq for _, e in b} == {0, 1, 2}
+    epoch0 = [i for b in seq[:12] for i, _ in b]
+    assert len(set(epoch0)) == 48  # no repeats within an epoch
+    r0 = iter(D.ResumableSampler(50, 2, rank=0, world_size=2, seed=3))
+    r1 = iter(D.ResumableSampler(50, 2, rank=1, world_size=2, seed=3))
+    for _ in range(5):
+        assert next(r0) + next(r1) == seq.pop(0)  # the two ranks split each global batch
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        D.ResumableSampler(5, 4, world_size=2)
+
+
+def test_eval_batches_are_padded_to_the_same_count():
+    b0 = D.eval_index_batches(11, 4, 0, 2)
+    b1 = D.eval_index_batches(11, 4, 1, 2)
+    assert len(b0) == len(b1) == 2
+    seen = [i for idx, m in b0 + b1 for i, k in zip(idx, m) if k]
+    assert sorted(seen) == list(range(11))
+    assert all(len(idx) == 4 for idx, _ in b0 + b1)
+
+
+def test_pil_transforms():
+    from PIL import Image
+
+    img = Image.new("RGB", (50, 30), (255, 0, 0))
+    out = D.random_resized_crop(img, 16, random.Random(0))
+    assert out.size == (16, 16)
+    assert D.center_crop_resize(img, 16).size == (16, 16)
+    x = D.pil_to_tensor(out)
+    assert x.shape == (3, 16, 16)
+    assert torch.allclose(x[0], torch.full((16, 16), (1 - 0.485) / 0.229), atol=1e-3)
+    a = D.random_resized_crop(Image.radial_gradient("L").convert("RGB"), 8, random.Random(5))
+    b = D.random_resized_crop(Image.radial_gradient("L").convert("RGB"), 8, random.Random(5))
+    assert list(a.getdata()) == list(b.getdata())  # seeded: reproducible per (seed, epoch, index)
+
+
+def test_image_folder_and_cifar(tmp_path):
+    from test_recipes import make_cifar_folder, make_jpeg_folder
+
+    root = make_jpeg_folder(tmp_path / "inet", classes=2, per_class=(3, 1))
+    train, val = D.load_image_data(data_dir=root, image_size=24, seed=1)
+    assert (len(train), len(val), train.num_classes) == (6, 2, 2)
+    x, y = train[(4, 0)]
+    assert x.shape == (3, 24, 24) and y == 1
+    assert torch.equal(train[(4, 0)][0], x) and not torch.equal(train[(4, 1)][0], x)
+    assert torch.equal(val[0][0], val[0][0])
+    with pytest.raises(FileNotFoundError, match="train/<class>"):
+        D.load_image_data(data_dir=tmp_path, image_size=24)
+    c = make_cifar_folder(tmp_path / "c", per_batch=4)
+    tr, te = D.cifar10_images(c.parent)
+    assert (len(tr), len(te), tr[(0, 0)][0].shape) == (20, 4, (3, 32, 32))
+    (c / "test_batch").unlink()
+    with pytest.raises(FileNotFoundError, match="test_batch"):
+        D.cifar10_images(c)
+
+
+def test_hf_dataset_on_disk(tmp_path):
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    imgs = [Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)) for i in range(6)]
+    ds = datasets.Dataset.from_dict({"image": imgs, "label": [0, 1, 2, 0, 1, 2]})
+    ds = ds.cast_column("image", datasets.Image())
+    datasets.DatasetDict({"train": ds, "validation": ds.select(range(3))}).save_to_disk(str(tmp_path / "ds"))
+    train, val = D.load_image_data(dataset=tmp_path / "ds", image_size=16)
+    assert (len(train), len(val), train.num_classes) == (6, 3, 3)
+    assert train[(0, 0)][0].shape == (3, 16, 16)
+    text = datasets.Dataset.from_dict({"text": ["abc" * 50, "def" * 50]})
+    text.save_to_disk(str(tmp_path / "txt"))
+    tr, va = D.text_corpus(dataset=tmp_path / "txt")
+    assert tr.numel() + va.numel() == 302 and tr.dtype == torch.uint8
+
+
+def test_stdlib_corpus_is_deterministic():
+    a_tr, a_va = D.stdlib_corpus(max_bytes=100_000)
+    b_tr, b_va = D.stdlib_corpus(max_bytes=100_000)
+    assert torch.equal(a_tr, b_tr) and torch.equal(a_va, b_va)
+    assert a_tr.numel() >= 100_000 and a_va.numel() > 0
+    chunks = D.TokenChunks(a_tr, 16)
+    assert chunks[(3, 0)].shape == (17,) and torch.equal(chunks[3][1:], a_tr[49:65].long())
+
+
+@pytest.mark.parametrize("name", ["adamw", "spectral_newton", "muon"])
+def test_optimizers_step_and_round_trip(name):
+    cfg = parse_config(
+        ViTRecipeConfig, ["--optimizer", name, "--hidden", "16", "--layers", "1", "--heads", "2"]
+    )
+    model = build_model(cfg, 3)
+    opt = build_optimizer(cfg, model)
+    sched = warmup_cosine(opt, 2, 10, 0.1)
+    kind = {"adamw": torch.optim.AdamW, "spectral_newton": SpectralNewton, "muon": MuonWithAdamW}[name]
+    assert isinstance(opt, kind)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        torch.nn.functional.cross_entropy(model(x).logits, y).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(g["lr"] > 0 for g in opt.param_groups)
+    sd = opt.state_dict()
+    opt2 = build_optimizer(cfg, model)
+    opt2.load_state_dict(sd)
+    assert str(opt2.state_dict()["param_groups" if name != "muon" else "muon"]) == str(
+        sd["param_groups" if name != "muon" else "muon"]
+    )
+
+
+def test_muon_needs_hidden_matrices():
+    from resnet_cifar import ResNet, ResNetRecipeConfig
+
+    cfg = parse_config(ResNetRecipeConfig, ["--optimizer", "muon"])
+    with pytest.raises(ValueError, match="no 2-D hidden matrices"):
+        build_optimizer(cfg, ResNet(4, 1, 1))
+
+
+def test_accelerate_and_recipe_configs_are_valid():
+    import yaml
+    from gpt_lm import GPTRecipeConfig
+    from resnet_cifar import ResNetRecipeConfig
+
+    kinds = {}
+    for f in sorted((ROOT / "configs" / "accelerate").glob("*.yaml")):
+        c = yaml.safe_load(f.read_text())
+        kinds[f.stem] = c["distributed_type"]
+        ds = (c.get("deepspeed_config") or {}).get("deepspeed_config_file")
+        assert ds is None or (ROOT / ds).is_file(), (f.name, ds)
+    assert {
+        kinds[k] for k in ("cpu", "multi_gpu", "fsdp2", "deepspeed_zero2", "deepspeed_zero3", "multi_node")
+    } == {
+        "NO",
+        "MULTI_GPU",
+        "FSDP",
+        "DEEPSPEED",
+    }
+    recipe_cls = {"vit": ViTRecipeConfig, "resnet": ResNetRecipeConfig, "gpt": GPTRecipeConfig}
+    files = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
+    assert len(files) >= 7
+    for f in files:
+        cls = next(c for k, c in recipe_cls.items() if f.stem.startswith(k))
+        cfg = parse_config(cls, ["--config", str(f)])
+        assert cfg.max_steps >= 1
