@@ -15,40 +15,15 @@ trajectory (TrajectoryMonitor), logged as ``curv/<layer>/<metric>`` and ``traj/.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from accelerate.utils import DistributedType
 
+from spectral_dist.logging.metrics import CURVATURE_KEYS, curvature_metrics
 from spectral_dist.optim.classify import SPECTRAL_TYPES, classify_parameters
 
 __all__ = ["RecipeDiagnostics", "CURVATURE_KEYS", "matrix_names"]
 
-CURVATURE_KEYS = (
-    "alpha",
-    "gamma",
-    "s",
-    "s_pred",
-    "rel_err",
-    "participation_ratio",
-    "pr_bound",
-    "negative_fraction",
-    "alpha_kfac",
-)
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
-
-
-def _number(v):
-    if v is None:
-        return None
-    if torch.is_tensor(v):
-        if v.numel() != 1:
-            return None
-        v = v.item()
-    try:
-        return float(v)  # NaN when a fit had too few positive h_k: logged, so every layer has every key
-    except (TypeError, ValueError):
-        return None
 
 
 def matrix_names(model) -> list[str]:
@@ -144,16 +119,7 @@ class RecipeDiagnostics:
         return report
 
     def curvature_metrics(self, report) -> dict:
-        out = {}
-        for name, lay in report.layers.items():
-            for key in CURVATURE_KEYS:
-                v = _number(getattr(lay, key, None))
-                if v is not None:
-                    out[f"curv/{name}/{key}"] = v
-        errs = [v for k, v in out.items() if k.endswith("/rel_err") and math.isfinite(v)]
-        if errs:
-            out["curv/median_rel_err"] = float(torch.tensor(errs).median())
-        return out
+        return curvature_metrics(report, keep_nan=True)  # NaN fits logged: every layer has every key
 
     # ------------------------------------------------------------------ logging
     def maybe_log(self, step: int, last: bool) -> None:

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler
 
+from ..logging.metrics import CURVATURE_KEYS
+from ..logging.metrics import curvature_metrics as _curvature_metrics
 from ..optim.classify import SPECTRAL_TYPES, classify_parameters
 from ..optim.spectral_newton import SpectralNewton
 
@@ -40,18 +42,6 @@ __all__ = [
     "training_steps",
 ]
 
-# Same keys as recipes/common/diagnostics.py (tests/test_hf_trainer.py checks that they agree).
-CURVATURE_KEYS = (
-    "alpha",
-    "gamma",
-    "s",
-    "s_pred",
-    "rel_err",
-    "participation_ratio",
-    "pr_bound",
-    "negative_fraction",
-    "alpha_kfac",
-)
 _NO_DECAY_TYPES = ("norm", "bias")  # as the Trainer: no weight decay for LayerNorm weights and biases
 
 
@@ -288,32 +278,9 @@ class SpectralNewtonTrainer(Trainer):
 
 
 # ---------------------------------------------------------------------------------------------- diagnostics
-def _number(v):
-    if v is None:
-        return None
-    if torch.is_tensor(v):
-        if v.numel() != 1:
-            return None
-        v = v.item()
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
 def curvature_metrics(report) -> dict[str, float]:
-    """``curv/<layer>/<metric>`` for each probed layer and ``curv/median_rel_err`` (the recipes' keys)."""
-    out = {}
-    for name, lay in report.layers.items():
-        for key in CURVATURE_KEYS:
-            v = _number(getattr(lay, key, None))
-            if v is not None:
-                out[f"curv/{name}/{key}"] = v
-    errs = [out[k] for k in out if k.endswith("/rel_err")]
-    if errs:
-        out["curv/median_rel_err"] = float(torch.tensor(errs).median())
-    return out
+    """The recipes' ``curv/...`` keys, without non-finite values (see spectral_dist.logging.metrics)."""
+    return _curvature_metrics(report, keep_nan=False)
 
 
 def hf_loss(model: nn.Module, batch) -> torch.Tensor:
