@@ -20,6 +20,8 @@ __all__ = [
     "token_batch",
     "classification_loss",
     "lm_loss",
+    "BUILTIN_MODELS",
+    "builtin_task",
 ]
 
 
@@ -178,3 +180,34 @@ def lm_loss(model: nn.Module, batch) -> torch.Tensor:
     out = model(input_ids=batch)
     logits = out.logits[:, :-1]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+
+
+BUILTIN_MODELS = ("mlp", "cnn", "resnet", "vit", "gpt")
+
+
+def builtin_task(name: str, batch_size: int, seed: int, dtype=torch.float32):
+    """``(model, loss_fn, batch)`` for a built-in tiny model (cast to ``dtype``) and a deterministic batch.
+
+    Used by the ``probe`` and ``spectrum`` commands: mlp (16 -> 4 classes), cnn (1x8x8), resnet and vit
+    (3x16x16), gpt (16 byte tokens).
+    """
+    torch.manual_seed(seed)
+    if name == "mlp":
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch_size, 16, generator=g, dtype=dtype)
+        model, loss, batch = (
+            tiny_mlp(),
+            classification_loss,
+            (x, torch.randint(0, 4, (batch_size,), generator=g)),
+        )
+    elif name == "cnn":
+        model, loss = tiny_cnn(), classification_loss
+        batch = image_batch(batch_size, channels=1, size=8, num_classes=10, seed=seed, dtype=dtype)
+    elif name in ("resnet", "vit"):
+        model, loss = (tiny_resnet() if name == "resnet" else tiny_vit()), classification_loss
+        batch = image_batch(batch_size, channels=3, size=16, num_classes=10, seed=seed, dtype=dtype)
+    elif name == "gpt":
+        model, loss, batch = tiny_gpt(), lm_loss, token_batch(batch_size, 16, 256, seed=seed)
+    else:
+        raise ValueError(f"--model must be one of {BUILTIN_MODELS}, got {name!r}")
+    return model.to(dtype), loss, batch

@@ -32,6 +32,7 @@ from torch import nn
 
 from . import models
 from .probes import CurvatureProbe
+from .probes.curvature import SCALARS
 
 __all__ = [
     "ARCHITECTURES",
@@ -54,25 +55,7 @@ PAPER = {
     "median_rel_err": 0.02,
     "n_layers": 93,
 }
-ROW_FIELDS = (
-    "arch",
-    "dataset",
-    "step",
-    "layer",
-    "layer_type",
-    "out",
-    "in",
-    "alpha",
-    "gamma",
-    "s",
-    "s_pred",
-    "rel_err",
-    "participation_ratio",
-    "pr_bound",
-    "negative_fraction",
-    "alpha_kfac",
-    "n_fit",
-)
+ROW_FIELDS = ("arch", "dataset", "step", "layer", "layer_type", "out", "in", *SCALARS)
 
 
 # ------------------------------------------------------------------------------------------ data

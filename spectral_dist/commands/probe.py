@@ -45,27 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build(name: str, batch_size: int, seed: int, dtype: torch.dtype):
-    """``(model, loss_fn, batch)`` for a built-in tiny model and a deterministic synthetic batch."""
-    from .. import models
+    """``(model, loss_fn, batch)`` for a built-in tiny model (see :func:`spectral_dist.models.builtin_task`)."""
+    from ..models import builtin_task
 
-    torch.manual_seed(seed)
-    if name == "mlp":
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(batch_size, 16, generator=g, dtype=dtype)
-        return (
-            models.tiny_mlp(),
-            models.classification_loss,
-            (x, torch.randint(0, 4, (batch_size,), generator=g)),
-        )
-    if name == "cnn":
-        batch = models.image_batch(batch_size, channels=1, size=8, num_classes=10, seed=seed, dtype=dtype)
-        return models.tiny_cnn(), models.classification_loss, batch
-    if name in ("resnet", "vit"):
-        batch = models.image_batch(batch_size, channels=3, size=16, num_classes=10, seed=seed, dtype=dtype)
-        return getattr(models, f"tiny_{name}")(), models.classification_loss, batch
-    if name == "gpt":
-        return models.tiny_gpt(), models.lm_loss, models.token_batch(batch_size, 16, 256, seed=seed)
-    raise ValueError(f"--model must be one of {MODELS}, got {name!r}")
+    return builtin_task(name, batch_size, seed, dtype)
 
 
 def load_model(args, dtype):

@@ -43,33 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build(name: str, batch_size: int, seed: int, dtype: torch.dtype):
-    """``(model, loss_fn, batch)`` for a built-in tiny model with a deterministic synthetic batch."""
-    from .. import models
+    """``(model, loss_fn, batch)`` for a built-in tiny model (see :func:`spectral_dist.models.builtin_task`)."""
+    from ..models import builtin_task
 
-    torch.manual_seed(seed)
-    if name == "mlp":
-        model = models.tiny_mlp()
-        g = torch.Generator().manual_seed(seed)
-        batch = (
-            torch.randn(batch_size, 16, generator=g, dtype=dtype),
-            torch.randint(0, 4, (batch_size,), generator=g),
-        )
-        loss = models.classification_loss
-    elif name == "cnn":
-        model = models.tiny_cnn()
-        batch = models.image_batch(n=batch_size, channels=1, size=8, num_classes=10, seed=seed, dtype=dtype)
-        loss = models.classification_loss
-    elif name == "vit":
-        model = models.tiny_vit()
-        batch = models.image_batch(n=batch_size, channels=3, size=16, num_classes=10, seed=seed, dtype=dtype)
-        loss = models.classification_loss
-    elif name == "gpt":
-        model = models.tiny_gpt()
-        batch = models.token_batch(n=batch_size, seq=16, vocab_size=256, seed=seed)
-        loss = models.lm_loss
-    else:
-        raise ValueError(f"--model must be one of {MODELS}, got {name!r}")
-    return model.to(dtype), loss, batch
+    return builtin_task(name, batch_size, seed, dtype)
 
 
 def plot_eigenvalues(result, path: Path, title: str = "") -> None:

@@ -6,19 +6,12 @@ import math
 
 import torch
 
+from ..probes.curvature import SCALARS
+
 __all__ = ["CURVATURE_KEYS", "curvature_metrics"]
 
-CURVATURE_KEYS = (
-    "alpha",
-    "gamma",
-    "s",
-    "s_pred",
-    "rel_err",
-    "participation_ratio",
-    "pr_bound",
-    "negative_fraction",
-    "alpha_kfac",
-)
+# The probe report's per-layer scalars, less the bookkeeping count of fitted points.
+CURVATURE_KEYS = tuple(k for k in SCALARS if k != "n_fit")
 
 
 def _number(v) -> float | None:
