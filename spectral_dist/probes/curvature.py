@@ -58,6 +58,7 @@ from .fits import DEFAULT_REL_FLOOR, loglog_slope, spectrum_fits
 from .hvp import BACKENDS, NOMINAL_COST, make_hvp, math_attention
 from .kfac import KFACCollector, kfac_kind, matrix_view, param_view
 from .lanczos import lanczos
+from .sharding import ProbeLayout
 from .state import preserve_training_state, rng_state, set_rng_state
 
 __all__ = ["CurvatureProbe", "LayerCurvature", "ProbeReport", "ESTIMATORS", "MODES", "H_DEFINITIONS"]
@@ -225,6 +226,17 @@ class CurvatureProbe:
         optimizer: optional optimizer whose state is also guarded.
         h: ``"rayleigh"`` (h_k = <E_k, H E_k>) or ``"eigen"`` (h_k = k-th eigenvalue of the layer's Hessian
             block, with ``overlap``); see the module docstring for what each answers.
+        process_group: data-parallel group for a plain module whose ranks hold different batches (DDP and
+            DeepSpeed engines bring their own; FSDP2 uses its mesh's group).
+
+    Distributed (DDP, DeepSpeed ZeRO-1/2, FSDP2; see :mod:`.sharding`): call :meth:`measure` on every rank
+    with that rank's part of the batch (equal sizes, a mean loss). The gradient, every HVP and the K-FAC
+    factors are those of the global batch: each rank runs the passes on its own part, one all-reduce (DDP)
+    or FSDP2's reduce-scatter averages them. The singular bases are split over ranks: each matrix's full
+    gradient is assembled on one owner rank (the optimizer's LPT plan, one all_to_all), the owner runs the
+    SVD, and one all-reduce shares every basis. Under FSDP2 the directions and HVPs stay row-sharded and
+    inner products are all-reduced; use ``hvp="fd"`` there. Every rank returns the same report, equal to
+    one process's on the global batch up to rounding.
     """
 
     def __init__(
@@ -246,7 +258,10 @@ class CurvatureProbe:
         seed: int = 0,
         optimizer: torch.optim.Optimizer | None = None,
         h: str = "rayleigh",
+        process_group=None,
     ):
+        layout = ProbeLayout.detect(model, process_group)
+        model = layout.module
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -269,6 +284,13 @@ class CurvatureProbe:
             raise ValueError(f"kfac_b must be one of {KFAC_B}, got {kfac_b!r}")
         if not 0 <= rel_floor < 1:
             raise ValueError(f"rel_floor must be in [0, 1), got {rel_floor!r}")
+        if layout.kind == "sharded" and hvp != "fd":
+            raise ValueError(f"an FSDP2 (fully_shard) model needs hvp='fd', got {hvp!r}")
+        if layout.distributed and kfac and kfac_b == "hessian":
+            raise ValueError(
+                "kfac_b='hessian' runs one process only; use kfac_b='empirical' when distributed"
+            )
+        self.layout = layout
         self.model, self.loss_fn = model, loss_fn
         self.top_k, self.hvp, self.mode = top_k, hvp, mode
         self.estimator, self.samples, self.rel_floor = estimator, samples, rel_floor
@@ -323,29 +345,36 @@ class CurvatureProbe:
         collector = KFACCollector(kspecs, keep_outputs=hessian_b)
         extra_cost = 0.0
         rng0 = rng_state()
+        layout = self.layout
         with torch.enable_grad(), math_attention(), collector:
-            loss = self.loss_fn(self.model, batch)
-            outs = [collector.layers[n].output for n in kspecs] if hessian_b else []
-            grads = torch.autograd.grad(loss, params + outs, allow_unused=True, create_graph=hessian_b)
+            if layout.kind == "sharded":  # FSDP2's backward: .grad holds this rank's rows of the mean
+                loss = self.loss_fn(self.model, batch)
+                grads = layout.backward_grads(self.model, loss, params)
+                gouts = {}
+            else:
+                loss = self.loss_fn(self.model, batch)
+                outs = [collector.layers[n].output for n in kspecs] if hessian_b else []
+                grads = torch.autograd.grad(loss, params + outs, allow_unused=True, create_graph=hessian_b)
+                gouts = dict(zip(kspecs, grads[len(params) :]))
+                grads = grads[: len(params)]
             collector.active = False
-            gouts = dict(zip(kspecs, grads[len(params) :]))
-            grads = grads[: len(params)]
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-
-        dirs, bases = [], []
-        for s, g in zip(specs, grads):
+        grads = [torch.zeros_like(layout.local(p)) if g is None else g for p, g in zip(params, grads)]
+        loss_value = float(loss.detach())
+        if layout.distributed:
+            if layout.kind == "replicated":
+                grads = layout.mean_flat([g.detach() for g in grads])
+            loss_value = float(layout.mean_flat([torch.tensor([loss_value], dtype=torch.float64)])[0][0])
+        bases = self._bases(grads)
+        dirs = []
+        for s, g, (U, _S, V) in zip(specs, grads, bases):
             t = s["kind"] == "conv1d_t"
-            G = matrix_view(g.detach(), t).double()
-            U, S, Vh = torch.linalg.svd(G, full_matrices=False)
-            r = min(self.top_k, S.numel())
-            U, S, V = U[:, :r], S[:r], Vh[:r].mT
-            bases.append((U, S, V))
-            dirs.append(
-                [param_view(torch.outer(U[:, k], V[:, k]), s["param"].shape, t).to(g.dtype) for k in range(r)]
-            )
+            full = [param_view(torch.outer(U[:, k], V[:, k]), s["param"].shape, t) for k in range(U.shape[1])]
+            dirs.append([layout.local_part(s["param"], E).to(g.dtype).contiguous() for E in full])
 
         set_rng_state(rng0)  # HVP passes draw the same dropout masks as the gradient pass
-        hvp = make_hvp(self.model, self.loss_fn, batch, params, self.hvp, self.fd_eps, self.grad_fn)
+        hvp = make_hvp(
+            self.model, self.loss_fn, batch, params, self.hvp, self.fd_eps, self.grad_fn, layout=layout
+        )
         overlaps = None
         if self.h == "eigen":
             h, overlaps = self._eigen(hvp, dirs, rng0)
@@ -354,6 +383,7 @@ class CurvatureProbe:
         else:
             h = self._all_layers(hvp, dirs)
 
+        factors = self._factors(collector, kspecs)
         layers = {}
         for i, s in enumerate(specs):
             U, S, V = bases[i]
@@ -368,7 +398,7 @@ class CurvatureProbe:
             )
             if overlaps is not None:
                 lc.overlap = overlaps[i]
-            A, B = collector.factors(s["name"]) if s["name"] in kspecs else (None, None)
+            A, B = factors.get(s["name"], (None, None))
             if A is not None and B is not None:
                 vAv = torch.einsum("ik,ij,jk->k", V, A.double(), V)
                 if hessian_b:
@@ -385,8 +415,76 @@ class CurvatureProbe:
             gradient_equivalents=1.0 + hvp.cost + extra_cost,
         )
         return ProbeReport(
-            layers, self.hvp, self.estimator, self.top_k, self.samples, float(loss.detach()), cost, h=self.h
+            layers, self.hvp, self.estimator, self.top_k, self.samples, loss_value, cost, h=self.h
         )
+
+    def _factors(self, collector: KFACCollector, kspecs) -> dict:
+        """{name: (A, B)} K-FAC factors of the global batch (per-rank factors averaged: one all-reduce)."""
+        out = {n: collector.factors(n) for n in kspecs}
+        if not self.layout.distributed or not out:
+            return out
+        names = [n for n, (A, B) in out.items() if A is not None and B is not None]
+        flat = self.layout.mean_flat([t.double() for n in names for t in out[n]])
+        return {n: (flat[2 * i], flat[2 * i + 1]) for i, n in enumerate(names)}
+
+    def _bases(self, grads: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(U, S, V), float64, top ``top_k`` singular triplets of each layer's global-batch gradient.
+
+        One process: an SVD per layer. Distributed: each full gradient is assembled on one owner rank
+        (LPT plan, one all_to_all), owners run their SVDs, and one all-reduce of the packed triplets gives
+        every rank every basis (identical bits everywhere, so all ranks probe the same directions)."""
+        specs = self.specs
+
+        def svd(s, G):
+            t = s["kind"] == "conv1d_t"
+            U, S, Vh = torch.linalg.svd(matrix_view(G.double(), t), full_matrices=False)
+            r = min(self.top_k, S.numel())
+            return U[:, :r], S[:r], Vh[:r].mT
+
+        if not self.layout.distributed:
+            return [svd(s, g.detach()) for s, g in zip(specs, grads)]
+        import torch.distributed as dist
+
+        from ..distributed.exchange import comm_device, gather_to_owners
+        from ..distributed.layout import MatrixLayout, build_plan
+
+        layout, group = self.layout, self.layout.group
+        world = layout.world_size
+        rows = [layout.rows(s["param"]) for s in specs]
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, rows, group=group)
+        layouts = []
+        for i, s in enumerate(specs):
+            shape = tuple(s["param"].shape)
+            m, cols = shape[0], math.prod(shape[1:])
+            layouts.append(
+                MatrixLayout(s["name"], (m, cols), [[(r[i][0] * cols, r[i][1] * cols)] for r in everyone])
+            )
+        plan = build_plan(layouts, world)
+        full = gather_to_owners(
+            plan, {s["name"]: [g.detach()] for s, g in zip(specs, grads)}, group, dtype=torch.float64
+        )
+        shapes = []
+        for s in specs:
+            out_dim, in_dim = matrix_view(
+                torch.empty(s["param"].shape, device="meta"), s["kind"] == "conv1d_t"
+            ).shape
+            r = min(self.top_k, out_dim, in_dim)
+            shapes.append((out_dim, in_dim, r))
+        sizes = [r * (m + n + 1) for m, n, r in shapes]
+        device = comm_device(group)
+        packed = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
+        for piece, s in zip(torch.split(packed, sizes), specs):
+            if s["name"] in full:
+                U, S, V = svd(s, full[s["name"]].view(s["param"].shape))
+                piece.copy_(torch.cat([U.reshape(-1), S, V.reshape(-1)]).to(device))
+        dist.all_reduce(packed, group=group)  # each piece is nonzero on its owner only
+        out = []
+        for piece, (m, n, r) in zip(torch.split(packed, sizes), shapes):
+            U, S, V = torch.split(piece, [m * r, r, n * r])
+            dev = grads[0].device
+            out.append((U.view(m, r).to(dev), S.clone().to(dev), V.view(n, r).to(dev)))
+        return out
 
     def _add_kfac(self, lc: LayerCurvature, uBu, vAv, A, B, U) -> None:
         S = lc.sigma
@@ -402,7 +500,15 @@ class CurvatureProbe:
 
     @staticmethod
     def _inner(a: torch.Tensor, b: torch.Tensor) -> float:
+        """This rank's part of <a, b> (the whole of it unless sharded; see :meth:`_total`)."""
         return float((a.double() * b.double()).sum())
+
+    def _total(self, partial: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sum per-rank partial inner products over ranks (FSDP2 shards) with one all-reduce."""
+        if self.layout.kind != "sharded":
+            return partial
+        flat = self.layout.mean_flat([t.double() for t in partial])  # mean * world = sum
+        return [t * self.layout.world_size for t in flat]
 
     def _per_layer(self, hvp, dirs) -> list[torch.Tensor]:
         L = len(dirs)
@@ -414,7 +520,7 @@ class CurvatureProbe:
                 v[i] = E
                 vals.append(self._inner(E, hvp(v)[i]))
             out.append(torch.tensor(vals, dtype=torch.float64))
-        return out
+        return self._total(out)
 
     def _eigen(self, hvp, dirs, rng) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Top eigenpairs of each layer's Hessian block (as many as sigma_k) and |<q_k, E_k>|."""
@@ -423,19 +529,30 @@ class CurvatureProbe:
         for i in range(L):
             p = self.specs[i]["param"]
 
-            def matvec(x, i=i, p=p):
+            local = self.layout.local(p)
+
+            def matvec(x, i=i, local=local):
                 set_rng_state(rng)  # one fixed operator, also under dropout
                 v = [None] * L
-                v[i] = x.view(p.shape).to(p.dtype)
+                v[i] = x.view(local.shape).to(local.dtype)
                 return hvp(v)[i].reshape(-1).double()
 
             r = len(dirs[i])
+            space = self.layout.space([p])
             res = lanczos(
-                matvec, p.numel(), r, tol=EIGEN_TOL, seed=self.seed, dtype=torch.float64, device=p.device
+                matvec,
+                p.numel(),
+                r,
+                tol=EIGEN_TOL,
+                seed=self.seed,
+                dtype=torch.float64,
+                device=local.device,
+                space=space,
             )
             E = torch.stack([e.reshape(-1).double() for e in dirs[i]])
             hs.append(res.eigenvalues.cpu())
-            overlaps.append((res.eigenvectors * E.to(res.eigenvectors.device)).sum(1).abs().cpu())
+            dots = space.reduce((res.eigenvectors * E.to(res.eigenvectors.device)).sum(1))
+            overlaps.append(dots.abs().cpu())
         return hs, overlaps
 
     def _all_layers(self, hvp, dirs) -> list[torch.Tensor]:
@@ -451,4 +568,4 @@ class CurvatureProbe:
                 hv = hvp(v)
                 for i in active:
                     sums[i][k] += eps[i].item() * self._inner(dirs[i][k], hv[i])
-        return [s_ / self.samples for s_ in sums]
+        return [s_ / self.samples for s_ in self._total(sums)]

@@ -16,6 +16,11 @@ Backends:
   pass ``grad_fn`` to compute gradients the engine's way. Both passes start from the same RNG state,
   buffers are reset between passes and parameters are copied back from a saved copy (no add/subtract drift).
 
+Distributed (``layout``, a :class:`~spectral_dist.probes.sharding.ProbeLayout`): "replicated" (DDP, ZeRO-1/2)
+runs any backend on this rank's batch and averages each product over ranks with one all-reduce; "sharded"
+(FSDP2) runs ``"fd"`` on the local shards (``v`` and the result are this rank's row blocks) with gradients
+from FSDP2's backward, and the step size uses global norms so every rank moves by the same ``h``.
+
 Randomness: each product leaves the RNG state as it found it and all its forward passes start from that
 state, so dropout draws the same mask in every pass (and in the probe's gradient pass, which resets the RNG
 before the products).
@@ -88,7 +93,9 @@ class HVP:
         cost: gradient-equivalents spent so far (see ``NOMINAL_COST``).
     """
 
-    def __init__(self, model, loss_fn, batch, params, backend="autograd", fd_eps=None, grad_fn=None):
+    def __init__(
+        self, model, loss_fn, batch, params, backend="autograd", fd_eps=None, grad_fn=None, layout=None
+    ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not isinstance(model, nn.Module):
@@ -103,10 +110,20 @@ class HVP:
                 raise ValueError("params must be tensors with requires_grad=True")
         if fd_eps is not None and not (isinstance(fd_eps, (int, float)) and fd_eps > 0):
             raise ValueError(f"fd_eps must be a positive number or None, got {fd_eps!r}")
+        if layout is not None and layout.kind == "sharded" and backend != "fd":
+            raise ValueError(
+                f"parameters sharded by FSDP2 need hvp='fd' (double backward through FSDP2's all-gather "
+                f"is not supported), got {backend!r}"
+            )
         self.model, self.loss_fn, self.batch, self.params = model, loss_fn, batch, params
+        self.layout = layout
         self.backend = backend
         self.fd_eps = fd_eps
-        self.grad_fn = grad_fn or _grad
+        if grad_fn is None:
+            grad_fn = layout.grads if layout is not None and layout.kind == "sharded" else _grad
+        self.grad_fn = grad_fn
+        # the tensors v and H v are shaped like: this rank's shards under FSDP2, else the parameters
+        self.local = [p if layout is None else layout.local(p) for p in params]
         self.calls = 0
         self.gradient_evals = 0
         self._grads = None  # autograd: first-order grads with their graph
@@ -123,7 +140,7 @@ class HVP:
         if len(v) != len(self.params):
             raise ValueError(f"v must have one tensor per parameter ({len(self.params)}), got {len(v)}")
         out = []
-        for p, t in zip(self.params, v):
+        for p, t in zip(self.local, v):
             if t is None:
                 out.append(None)
                 continue
@@ -138,12 +155,15 @@ class HVP:
         v = self._check(v)
         self.calls += 1
         if all(t is None for t in v):
-            return [torch.zeros_like(p) for p in self.params]
+            return [torch.zeros_like(p) for p in self.local]
         rng = rng_state()  # every pass of every product starts from the same RNG state (dropout masks)
         try:
-            return getattr(self, f"_{self.backend}")(v)
+            out = getattr(self, f"_{self.backend}")(v)
         finally:
             set_rng_state(rng)
+        if self.layout is not None and self.layout.kind == "replicated":
+            out = self.layout.mean_flat(out)  # this rank's batch -> the global batch
+        return out
 
     # ------------------------------------------------------------------ backends
     def _autograd(self, v):
@@ -200,11 +220,17 @@ class HVP:
     def _fd(self, v):
         eps_rel = self.fd_eps if self.fd_eps is not None else default_fd_eps(self.params)
         live = [i for i, t in enumerate(v) if t is not None]
-        ps = [self.params[i] for i in live]
+        ps = [self.local[i] for i in live]
         vs = [v[i] for i in live]
         with torch.no_grad():
-            pnorm = float(torch.stack(torch._foreach_norm(self.params)).double().norm())
-            vnorm = float(torch.stack(torch._foreach_norm(vs)).double().norm())
+            if self.layout is not None and self.layout.kind == "sharded":  # global norms: one h everywhere
+                pnorm = self.layout.sqnorm(self.local) ** 0.5
+                vnorm = self.layout.sqnorm(vs) ** 0.5
+            else:
+                pnorm = float(torch.stack(torch._foreach_norm(self.params)).double().norm())
+                vnorm = float(torch.stack(torch._foreach_norm(vs)).double().norm())
+        if vnorm == 0.0:
+            return [torch.zeros_like(p) for p in self.local]
         h = eps_rel * max(1.0, pnorm) / vnorm
         saved = [p.detach().clone() for p in ps]
         buffers = list(self.model.buffers())
@@ -242,6 +268,7 @@ def make_hvp(
     backend: str = "autograd",
     fd_eps: float | None = None,
     grad_fn: Callable | None = None,
+    layout=None,
 ) -> HVP:
     """Build ``hvp(v) -> H v`` for the Hessian of ``loss_fn(model, batch)`` with respect to ``params``.
 
@@ -255,8 +282,10 @@ def make_hvp(
             ``fd_eps * max(1, ||params||) / ||v||``. Default cbrt(machine epsilon) of the parameter dtype.
         grad_fn: fd only: ``grad_fn(model, loss_fn, batch, params) -> list of gradients``; default
             ``torch.autograd.grad`` (leaves ``.grad`` untouched). Use it to compute gradients through an engine.
+        layout: a :class:`~spectral_dist.probes.sharding.ProbeLayout` for DDP / ZeRO-1/2 / FSDP2 (see the
+            module docstring); None: one process.
 
     Returns:
         An :class:`HVP` callable with ``calls``, ``gradient_evals`` and ``cost`` counters.
     """
-    return HVP(model, loss_fn, batch, params, backend=backend, fd_eps=fd_eps, grad_fn=grad_fn)
+    return HVP(model, loss_fn, batch, params, backend=backend, fd_eps=fd_eps, grad_fn=grad_fn, layout=layout)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "VectorSpace",
     "EigenResult",
     "TraceEstimate",
     "SpectralDensity",
@@ -35,6 +36,93 @@ __all__ = [
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 _WHICH = ("LA", "SA", "LM")
+
+
+class VectorSpace:
+    """Where the solvers' vectors live: this rank's part of a flat space of global dimension ``dim``.
+
+    The default (``ranges=None``, ``allreduce=None``) is the whole space in one process. For vectors sharded
+    like the parameters (FSDP2, ZeRO-3), ``ranges`` lists the ``(offset, length)`` pieces of the global flat
+    vector this rank holds and ``allreduce`` sums a small tensor over ranks in place: inner products are a
+    local dot plus one all-reduce, and random vectors are drawn whole from the seeded generator and sliced,
+    so every rank (and one process) sees the same global vectors: results equal one process's.
+    """
+
+    def __init__(self, dim: int, ranges: list[tuple[int, int]] | None = None, allreduce=None):
+        self.dim = int(dim)
+        if self.dim < 1:
+            raise ValueError(f"dimension must be >= 1, got {dim}")
+        self.ranges = None if ranges is None else [(int(o), int(n)) for o, n in ranges]
+        if self.ranges is not None:
+            for o, n in self.ranges:
+                if o < 0 or n < 0 or o + n > self.dim:
+                    raise ValueError(f"range (offset={o}, length={n}) is outside [0, {self.dim})")
+        self._allreduce = allreduce
+
+    @property
+    def local_dim(self) -> int:
+        return self.dim if self.ranges is None else sum(n for _, n in self.ranges)
+
+    @property
+    def sharded(self) -> bool:
+        return self._allreduce is not None
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of ``t`` over ranks (identity in one process)."""
+        if self._allreduce is None:
+            return t
+        t = t.contiguous()
+        self._allreduce(t)
+        return t
+
+    def local(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a whole vector (or of each row of a ``(rows, dim)`` batch)."""
+        if self.ranges is None:
+            return full
+        parts = [full[..., o : o + n] for o, n in self.ranges]
+        return torch.cat(parts, dim=-1) if parts else full[..., :0]
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        if not self.sharded:
+            return float(torch.dot(a, b))
+        return float(self.reduce(torch.dot(a, b).to(torch.float64).reshape(1))[0])
+
+    def norm(self, a: torch.Tensor) -> float:
+        if not self.sharded:
+            return float(torch.linalg.vector_norm(a))
+        return math.sqrt(max(self.dot(a, a), 0.0))
+
+    def coeffs(self, Q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``Q @ w`` for rows of ``Q`` in this space."""
+        return self.reduce(Q @ w)
+
+    def randn(self, gen: torch.Generator, dtype, device, rows: int | None = None) -> torch.Tensor:
+        """This rank's part of a standard normal vector (``rows`` of them) of the global space."""
+        shape = self.dim if rows is None else (rows, self.dim)
+        return self.local(_randn(gen, shape, torch.float64, "cpu")).to(dtype=dtype, device=device)
+
+    def rademacher(self, gen: torch.Generator, dtype, device, rows: int | None = None) -> torch.Tensor:
+        """This rank's part of a Rademacher (+-1) vector (``rows`` of them) of the global space."""
+        shape = self.dim if rows is None else (rows, self.dim)
+        return self.local(_rademacher(gen, shape, torch.float64, "cpu")).to(dtype=dtype, device=device)
+
+    def orthonormal_rows(self, A: torch.Tensor) -> torch.Tensor:
+        """Orthonormal rows spanning the rows of ``A`` (Householder QR in one process; sharded: Gram-Schmidt
+        twice with all-reduced coefficients, dropping rows that are numerically dependent)."""
+        if not self.sharded:
+            return torch.linalg.qr(A.T.to(torch.float64))[0].T.to(A.dtype)
+        out: list[torch.Tensor] = []
+        for a in A:
+            ref = self.norm(a)
+            w = a
+            for _ in range(2):
+                if out:
+                    B = torch.stack(out)
+                    w = w - B.T @ self.coeffs(B, w)
+            nrm = self.norm(w)
+            if ref > 0 and nrm > 1e-10 * ref:
+                out.append(w / nrm)
+        return torch.stack(out) if out else A[:0]
 
 
 @dataclass
@@ -98,7 +186,17 @@ class SpectralDensity:
         return float(torch.trapezoid(self.values, self.grid))
 
 
-def _space(dim_or_template, dtype, device) -> tuple[int, torch.dtype, torch.device]:
+def _space(dim_or_template, dtype, device, space=None) -> tuple[int, torch.dtype, torch.device]:
+    if space is not None:
+        if isinstance(dim_or_template, torch.Tensor) or int(dim_or_template) != space.dim:
+            raise ValueError(
+                f"with a VectorSpace pass its global dimension {space.dim}, got {dim_or_template!r}"
+            )
+        return (
+            space.dim,
+            dtype or torch.float64,
+            torch.device(device) if device is not None else torch.device("cpu"),
+        )
     if isinstance(dim_or_template, torch.Tensor):
         t = dim_or_template
         return t.numel(), dtype or t.dtype, torch.device(device) if device is not None else t.device
@@ -138,12 +236,12 @@ def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
     return order[:k]
 
 
-def _orthogonalize(w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+def _orthogonalize(w: torch.Tensor, Q: torch.Tensor, space: VectorSpace | None = None) -> torch.Tensor:
     """Classical Gram-Schmidt against the rows of ``Q``, twice ("twice is enough", Kahan/Parlett)."""
     if Q.shape[0] == 0:
         return w
     for _ in range(2):
-        w = w - Q.T @ (Q @ w)
+        w = w - Q.T @ (Q @ w if space is None else space.coeffs(Q, w))
     return w
 
 
@@ -163,6 +261,7 @@ def _lanczos_core(
     gen: torch.Generator,
     restart: bool,
     stop: Callable[[list[float], list[float], float, int], bool] | None = None,
+    space: VectorSpace | None = None,
 ):
     """Lanczos with full reorthogonalization from unit ``v0``.
 
@@ -176,8 +275,9 @@ def _lanczos_core(
         ``(Q, alphas, betas, num_matvecs)``; ``betas[-1]`` is the residual norm after the last step
         (0 after a breakdown without restart).
     """
-    dim = v0.numel()
-    Q = torch.empty(max_steps, dim, dtype=v0.dtype, device=v0.device)
+    space = space or VectorSpace(v0.numel())
+    dim = space.dim
+    Q = torch.empty(max_steps, v0.numel(), dtype=v0.dtype, device=v0.device)
     alphas: list[float] = []
     betas: list[float] = []
     v = v0
@@ -190,9 +290,9 @@ def _lanczos_core(
         n += 1
         if not torch.isfinite(w).all():
             raise FloatingPointError("matvec returned non-finite values")
-        alpha = float(torch.dot(w, v))
-        w = _orthogonalize(w, Q[: j + 1])
-        beta = float(torch.linalg.vector_norm(w))
+        alpha = space.dot(w, v)
+        w = _orthogonalize(w, Q[: j + 1], space)
+        beta = space.norm(w)
         alphas.append(alpha)
         betas.append(beta)
         scale = max(scale, abs(alpha), beta)
@@ -207,8 +307,8 @@ def _lanczos_core(
             if not restart or j + 1 >= dim:
                 return Q[: j + 1], alphas, betas, n
             # Fresh direction orthogonal to everything so far; T becomes block diagonal (beta = 0).
-            w = _orthogonalize(_randn(gen, dim, v0.dtype, v0.device), Q[: j + 1])
-            nrm = float(torch.linalg.vector_norm(w))
+            w = _orthogonalize(space.randn(gen, v0.dtype, v0.device), Q[: j + 1], space)
+            nrm = space.norm(w)
             if nrm == 0.0:
                 return Q[: j + 1], alphas, betas, n
             v = w / nrm
@@ -231,6 +331,7 @@ def lanczos(
     v0: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    space: VectorSpace | None = None,
 ) -> EigenResult:
     """Top-``k`` eigenpairs of a symmetric operator by Lanczos with full reorthogonalization.
 
@@ -250,6 +351,8 @@ def lanczos(
         return_eigenvectors: also return the Ritz vectors.
         v0: explicit start vector (normalized here) instead of a random one.
         dtype, device: of the work vectors (default: the template's, else float64 on CPU).
+        space: a sharded :class:`VectorSpace` (``dim_or_template`` is then its global dimension): ``matvec``
+            and ``v0`` take and return this rank's part, and the eigenvectors are this rank's part.
 
     Returns:
         :class:`EigenResult` with ``method="lanczos"``.
@@ -258,7 +361,8 @@ def lanczos(
         ValueError: bad ``k``/``which``/``tol`` or a matvec returning the wrong shape.
         FloatingPointError: the operator produced non-finite values.
     """
-    dim, dtype, device = _space(dim_or_template, dtype, device)
+    dim, dtype, device = _space(dim_or_template, dtype, device, space)
+    space = space or VectorSpace(dim)
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
     if not 1 <= k <= dim:
@@ -270,12 +374,12 @@ def lanczos(
         raise ValueError(f"max_iter={max_iter} must be >= k={k}")
     gen = torch.Generator().manual_seed(seed)
     if v0 is None:
-        v0 = _randn(gen, dim, dtype, device)
+        v0 = space.randn(gen, dtype, device)
     else:
         v0 = v0.detach().reshape(-1).to(dtype=dtype, device=device).clone()
-        if v0.numel() != dim:
-            raise ValueError(f"v0 has {v0.numel()} entries, expected {dim}")
-    nrm = float(torch.linalg.vector_norm(v0))
+        if v0.numel() != space.local_dim:
+            raise ValueError(f"v0 has {v0.numel()} entries, expected {space.local_dim}")
+    nrm = space.norm(v0)
     if not nrm > 0 or not math.isfinite(nrm):
         raise ValueError("start vector must be finite and nonzero")
     v0 = v0 / nrm
@@ -307,7 +411,7 @@ def lanczos(
             return not better(float(tb[e]), float(theta[idx[-1]]), tol * ref)
         return abs(betas[-1] * float(Sb[-1, e])) <= tol * ref
 
-    Q, alphas, betas, n = _lanczos_core(matvec, v0, max_iter, gen, restart=True, stop=converged)
+    Q, alphas, betas, n = _lanczos_core(matvec, v0, max_iter, gen, restart=True, stop=converged, space=space)
     theta, S = torch.linalg.eigh(_tridiag(alphas, betas))
     idx = _select(theta, k, which)
     res = (betas[-1] * S[-1, idx]).abs()
@@ -338,6 +442,7 @@ def power_iteration(
     return_eigenvectors: bool = True,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    space: VectorSpace | None = None,
 ) -> EigenResult:
     """Top-``k`` eigenpairs by power iteration with deflation (projection onto the found vectors'
     complement): slower than :func:`lanczos` but it relies on nothing beyond symmetry.
@@ -349,7 +454,8 @@ def power_iteration(
     Returns:
         :class:`EigenResult` with ``method="power"``; residuals are measured, not estimated.
     """
-    dim, dtype, device = _space(dim_or_template, dtype, device)
+    dim, dtype, device = _space(dim_or_template, dtype, device, space)
+    space = space or VectorSpace(dim)
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
     if not 1 <= k <= dim:
@@ -362,21 +468,21 @@ def power_iteration(
     def run(sign: float, shift: float, found: list[torch.Tensor], ref: float):
         """Power iteration on ``sign * A + shift * I`` restricted to the complement of ``found``."""
         nonlocal n
-        B = torch.stack(found) if found else torch.empty(0, dim, dtype=dtype, device=device)
-        v = _orthogonalize(_randn(gen, dim, dtype, device), B)
-        v = v / torch.linalg.vector_norm(v)
+        B = torch.stack(found) if found else torch.empty(0, space.local_dim, dtype=dtype, device=device)
+        v = _orthogonalize(space.randn(gen, dtype, device), B, space)
+        v = v / space.norm(v)
         lam, res = 0.0, math.inf
         for _ in range(max_iter):
             w = _apply(matvec, v)
             n += 1
             if not torch.isfinite(w).all():
                 raise FloatingPointError("matvec returned non-finite values")
-            lam = float(torch.dot(v, w))
-            res = float(torch.linalg.vector_norm(w - lam * v))
+            lam = space.dot(v, w)
+            res = space.norm(w - lam * v)
             if res <= tol * max(ref, abs(lam), 1e-300):
                 break
-            w = _orthogonalize(sign * w + shift * v, B)
-            nrm = torch.linalg.vector_norm(w)
+            w = _orthogonalize(sign * w + shift * v, B, space)
+            nrm = space.norm(w)
             if nrm == 0:
                 break
             v = w / nrm
@@ -411,11 +517,14 @@ def power_iteration(
     )
 
 
-def exact_residuals(matvec: MatVec, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor) -> torch.Tensor:
+def exact_residuals(
+    matvec: MatVec, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, space: VectorSpace | None = None
+) -> torch.Tensor:
     """``||A q_i - lambda_i q_i||`` measured with one product per pair (checks the Lanczos estimate)."""
+    space = space or VectorSpace(max(eigenvectors.shape[-1], 1))
     out = []
     for lam, q in zip(eigenvalues.tolist(), eigenvectors):
-        out.append(float(torch.linalg.vector_norm(_apply(matvec, q) - lam * q)))
+        out.append(space.norm(_apply(matvec, q) - lam * q))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -428,6 +537,7 @@ def hutchinson(
     distribution: str = "rademacher",
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    space: VectorSpace | None = None,
 ) -> TraceEstimate:
     """Hutchinson's estimate ``tr(A) ~ mean_i z_i^T A z_i``: unbiased; its variance is
     ``2 ||A||_F^2 - 2 sum_i A_ii^2`` per sample for Rademacher ``z`` (``2 ||A||_F^2`` for Gaussian).
@@ -435,17 +545,18 @@ def hutchinson(
     Returns:
         :class:`TraceEstimate` whose ``stderr`` is the sample standard deviation / sqrt(num_samples).
     """
-    dim, dtype, device = _space(dim_or_template, dtype, device)
+    dim, dtype, device = _space(dim_or_template, dtype, device, space)
+    space = space or VectorSpace(dim)
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 (for a standard error), got {num_samples}")
     if distribution not in ("rademacher", "gaussian"):
         raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
-    draw = _rademacher if distribution == "rademacher" else _randn
+    draw = space.rademacher if distribution == "rademacher" else space.randn
     gen = torch.Generator().manual_seed(seed)
     vals = []
     for _ in range(num_samples):
-        z = draw(gen, dim, dtype, device)
-        vals.append(float(torch.dot(z, _apply(matvec, z))))
+        z = draw(gen, dtype, device)
+        vals.append(space.dot(z, _apply(matvec, z)))
     t = torch.tensor(vals, dtype=torch.float64)
     return TraceEstimate(float(t.mean()), float(t.std() / math.sqrt(num_samples)), num_samples, "hutchinson")
 
@@ -458,6 +569,7 @@ def hutchpp(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    space: VectorSpace | None = None,
 ) -> TraceEstimate:
     """Hutch++ (Meyer, Musco, Musco, Woodruff 2021): trace the top of the spectrum exactly, Hutchinson
     for the rest. A third of the budget sketches ``range(A S)``, a third computes ``tr(Q^T A Q)`` on its
@@ -469,23 +581,24 @@ def hutchpp(
     Returns:
         :class:`TraceEstimate`; ``stderr`` is that of the Hutchinson remainder (0 when it is empty).
     """
-    dim, dtype, device = _space(dim_or_template, dtype, device)
+    dim, dtype, device = _space(dim_or_template, dtype, device, space)
+    space = space or VectorSpace(dim)
     if num_matvecs < 6:
         raise ValueError(f"num_matvecs must be >= 6 (two Hutchinson samples), got {num_matvecs}")
     gen = torch.Generator().manual_seed(seed)
     s = min(num_matvecs // 3, dim)
     ell = num_matvecs - 2 * s
-    S = _rademacher(gen, (s, dim), dtype, device)
+    S = space.rademacher(gen, dtype, device, rows=s)
     AS = torch.stack([_apply(matvec, x) for x in S])
-    Q = torch.linalg.qr(AS.T.to(torch.float64))[0].T.to(dtype)  # (s, dim) orthonormal rows
-    top = sum(float(torch.dot(q, _apply(matvec, q))) for q in Q)
-    n = 2 * s
+    Q = space.orthonormal_rows(AS)  # (s, dim) orthonormal rows
+    top = sum(space.dot(q, _apply(matvec, q)) for q in Q)
+    n = s + Q.shape[0]
     if s >= dim:
         return TraceEstimate(top, 0.0, n, "hutch++")
     vals = []
     for _ in range(ell):
-        g = _orthogonalize(_rademacher(gen, dim, dtype, device), Q)
-        vals.append(float(torch.dot(g, _orthogonalize(_apply(matvec, g), Q))))
+        g = _orthogonalize(space.rademacher(gen, dtype, device), Q, space)
+        vals.append(space.dot(g, _orthogonalize(_apply(matvec, g), Q, space)))
         n += 1
     t = torch.tensor(vals, dtype=torch.float64)
     return TraceEstimate(top + float(t.mean()), float(t.std() / math.sqrt(ell)), n, "hutch++")
@@ -503,6 +616,7 @@ def slq_density(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    space: VectorSpace | None = None,
 ) -> SpectralDensity:
     """Spectral density by stochastic Lanczos quadrature (Golub-Meurant; Ghorbani et al. 2019).
 
@@ -522,7 +636,8 @@ def slq_density(
     Returns:
         :class:`SpectralDensity`.
     """
-    dim, dtype, device = _space(dim_or_template, dtype, device)
+    dim, dtype, device = _space(dim_or_template, dtype, device, space)
+    space = space or VectorSpace(dim)
     if num_probes < 1 or num_steps < 1:
         raise ValueError(f"need num_probes >= 1 and num_steps >= 1, got {num_probes}, {num_steps}")
     if sigma is not None and not sigma > 0:
@@ -533,8 +648,8 @@ def slq_density(
     weights = torch.zeros(num_probes, m, dtype=torch.float64)
     n = 0
     for p in range(num_probes):
-        v = _rademacher(gen, dim, dtype, device) / math.sqrt(dim)
-        _, alphas, betas, used = _lanczos_core(matvec, v, m, gen, restart=False)
+        v = space.rademacher(gen, dtype, device) / math.sqrt(dim)
+        _, alphas, betas, used = _lanczos_core(matvec, v, m, gen, restart=False, space=space)
         n += used
         theta, S = torch.linalg.eigh(_tridiag(alphas, betas))
         nodes[p, : theta.numel()] = theta

@@ -20,13 +20,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .hvp import BACKENDS, make_hvp
 from .lanczos import (
     EigenResult,
     SpectralDensity,
+    VectorSpace,
     exact_residuals,
     hutchinson,
     hutchpp,
@@ -34,6 +34,7 @@ from .lanczos import (
     power_iteration,
     slq_density,
 )
+from .sharding import ProbeLayout
 from .state import preserve_training_state, rng_state, set_rng_state
 
 __all__ = ["BlockSpectrum", "SpectrumResult", "HessianSpectrum", "weight_blocks", "flat_hvp"]
@@ -65,6 +66,7 @@ class BlockSpectrum:
         num_hvps: Hessian-vector products spent on this block (eigen + residual check + trace + density).
         eig_hvps: of which for the eigenpairs (Lanczos or power iteration) alone.
         hvp_cost: the same in gradient-equivalents (the HVP backend's ``cost``).
+        sharded: measured on FSDP2 shards: ``eigenvectors`` hold this rank's entries of the flat vector.
     """
 
     name: str
@@ -83,6 +85,7 @@ class BlockSpectrum:
     num_hvps: int = 0
     eig_hvps: int = 0
     hvp_cost: float = 0.0
+    sharded: bool = False
 
     def eigenvector(self, i: int) -> list[torch.Tensor]:
         """The ``i``-th eigenvector split into tensors shaped like the block's parameters."""
@@ -176,28 +179,6 @@ def flat_hvp(
     return matvec
 
 
-def _unwrap_ddp(model):
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(model, DistributedDataParallel):
-        return model.module, True
-    return model, False
-
-
-def _averaged(
-    matvec: Callable[[torch.Tensor], torch.Tensor], group
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``v -> mean over ranks of matvec(v)``: the Hessian of the mean of the ranks' losses."""
-    world = dist.get_world_size(group)
-
-    def avg(v: torch.Tensor) -> torch.Tensor:
-        w = matvec(v).contiguous()
-        dist.all_reduce(w, group=group)
-        return w / world
-
-    return avg
-
-
 class HessianSpectrum:
     """Top eigenpairs, trace and density of Hessian blocks of ``loss_fn(model, batch)``.
 
@@ -223,13 +204,22 @@ class HessianSpectrum:
         grad_fn: for ``hvp="fd"``, how gradients are computed (see :func:`~spectral_dist.probes.hvp.make_hvp`).
         process_group: data-parallel group (default: the world group when ``model`` is DDP-wrapped).
 
-    Data parallel (DDP): pass the DDP-wrapped model (or the module and a ``process_group``) and each rank's
-    local batch. Parameters are replicated, so each rank computes the Hessian-vector product of its local
-    loss on the unwrapped module (any backend, ``"fd"`` included) and one all-reduce averages it: the
-    product of the global-batch loss when local batches have equal size and the loss is a mean. Krylov and
-    probe vectors are replicated too (same seed, same all-reduced products on every rank), so no inner
-    product needs a collective and every rank returns the same result, equal to one process on the global
-    batch. Use ``mode="eval"``: train-mode BatchNorm statistics are per rank.
+    Data parallel (DDP, DeepSpeed ZeRO-1/2): pass the wrapped model (or the module and a ``process_group``)
+    and each rank's local batch. Parameters are replicated, so each rank computes the Hessian-vector product
+    of its local loss on the unwrapped module (any backend, ``"fd"`` included) and one all-reduce averages
+    it: the product of the global-batch loss when local batches have equal size and the loss is a mean.
+    Krylov and probe vectors are replicated too (same seed, same all-reduced products on every rank), so no
+    inner product needs a collective.
+
+    Sharded (FSDP2, ``fully_shard``): pass the sharded model, each rank's local batch and ``hvp="fd"``.
+    Products are finite differences of FSDP2's own (reduce-scattered, averaged) gradients with the local
+    shards perturbed; Lanczos, trace and density vectors are row-sharded like the parameters (a rank keeps
+    only its rows of the Krylov basis) and every inner product is a local dot plus one all-reduce. Random
+    vectors are drawn whole from the seeded generator and sliced. Eigenvectors, when requested, hold this
+    rank's entries only (``BlockSpectrum.sharded``).
+
+    Either way every rank returns the same eigenvalues, traces and densities, equal to one process on the
+    global batch up to rounding. Use ``mode="eval"``: train-mode BatchNorm statistics are per rank.
     """
 
     def __init__(
@@ -248,7 +238,10 @@ class HessianSpectrum:
         grad_fn: Callable | None = None,
         process_group=None,
     ):
-        model, ddp = _unwrap_ddp(model)
+        layout = ProbeLayout.detect(model, process_group)
+        model = layout.module
+        if layout.kind == "sharded" and hvp != "fd":
+            raise ValueError(f"an FSDP2 (fully_shard) model needs hvp='fd', got {hvp!r}")
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -266,10 +259,9 @@ class HessianSpectrum:
         self.tol, self.max_iter, self.fd_eps = tol, max_iter, fd_eps
         self.seed, self.work_dtype = seed, work_dtype
         self.grad_fn = grad_fn
-        self.process_group = process_group
-        self.distributed = ddp or process_group is not None
-        if self.distributed and not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("a DDP model or process_group needs torch.distributed to be initialized")
+        self.layout = layout
+        self.process_group = layout.group
+        self.distributed = layout.distributed
         self.blocks = self._resolve(layers)
 
     def _resolve(self, layers) -> dict[str, nn.Parameter]:
@@ -365,9 +357,10 @@ class HessianSpectrum:
         return res
 
     def operator(self, batch, params: list[torch.Tensor]):
-        """``(matvec, hvp)``: the flat Hessian operator of ``params`` on ``batch`` and the underlying
-        :class:`~spectral_dist.probes.hvp.HVP` (for its counters). Call inside
-        :func:`~spectral_dist.probes.state.preserve_training_state` with the wanted train/eval mode."""
+        """``(matvec, hvp)``: the flat Hessian operator of ``params`` on ``batch`` (on this rank's part of
+        flat vectors when sharded) and the underlying :class:`~spectral_dist.probes.hvp.HVP` (for its
+        counters). Call inside :func:`~spectral_dist.probes.state.preserve_training_state` with the wanted
+        train/eval mode."""
         h = make_hvp(
             self.model,
             self.loss_fn,
@@ -376,15 +369,15 @@ class HessianSpectrum:
             backend=self.hvp,
             fd_eps=self.fd_eps,
             grad_fn=self.grad_fn,
+            layout=self.layout,
         )
-        matvec = flat_hvp(h, params, self.work_dtype, rng=rng_state())
-        if self.distributed:
-            matvec = _averaged(matvec, self.process_group)
+        local = [self.layout.local(p) for p in params]
+        matvec = flat_hvp(h, local, self.work_dtype, rng=rng_state())
         return matvec, h
 
-    def eigenpairs(self, matvec, dim: int, k: int, device) -> EigenResult:
+    def eigenpairs(self, matvec, dim: int, k: int, device, space: VectorSpace | None = None) -> EigenResult:
         """Top ``k`` eigenpairs of ``matvec`` by the configured method (see the class docstring)."""
-        kw = dict(which="LA", tol=self.tol, seed=self.seed, dtype=self.work_dtype, device=device)
+        kw = dict(which="LA", tol=self.tol, seed=self.seed, dtype=self.work_dtype, device=device, space=space)
         pkw = {} if self.max_iter is None else {"max_iter": self.max_iter}
         if self.method == "power":
             return power_iteration(matvec, dim, k, **kw, **pkw)
@@ -418,14 +411,15 @@ class HessianSpectrum:
         density_sigma,
     ) -> BlockSpectrum:
         matvec, h = self.operator(batch, params)
-        dim = sum(p.numel() for p in params)
-        device = params[0].device
+        space = self.layout.space(params)
+        dim = space.dim
+        device = self.layout.local(params[0]).device
         k = min(top_k, dim)
-        eig = self.eigenpairs(matvec, dim, k, device)
+        eig = self.eigenpairs(matvec, dim, k, device, space)
         eig_hvps = h.calls
         residuals = eig.residuals
         if verify_residuals:
-            residuals = exact_residuals(matvec, eig.eigenvalues, eig.eigenvectors)
+            residuals = exact_residuals(matvec, eig.eigenvalues, eig.eigenvectors, space)
         scale = max(eig.norm_estimate, float(eig.eigenvalues.abs().max()), 1e-300)
         out = BlockSpectrum(
             name=name,
@@ -439,9 +433,10 @@ class HessianSpectrum:
             converged=bool((residuals <= self.tol * scale).all()),
             method=eig.method,
             eig_hvps=eig_hvps,
+            sharded=space.sharded,
         )
         if trace:
-            kw = dict(seed=self.seed + 1, dtype=self.work_dtype, device=device)
+            kw = dict(seed=self.seed + 1, dtype=self.work_dtype, device=device, space=space)
             if trace_method == "hutch++":
                 t = hutchpp(matvec, dim, trace_matvecs, **kw)
             else:
@@ -458,6 +453,7 @@ class HessianSpectrum:
                 seed=self.seed + 2,
                 dtype=self.work_dtype,
                 device=device,
+                space=space,
             )
         out.num_hvps = h.calls
         out.hvp_cost = float(h.cost)
