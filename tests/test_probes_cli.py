@@ -34,3 +34,22 @@ def test_probe_cli_builtin_and_checkpoint(tmp_path, capsys):
     assert d2["layers"]["2.weight"]["h"] != d["layers"]["2.weight"]["h"]
     with pytest.raises(ValueError, match="--model"):
         main(["probe", "--checkpoint", str(tmp_path / "sd.pt"), "--output_dir", str(out2)])
+
+
+def test_probe_cli_eigen_definition(tmp_path, capsys):
+    """--h eigen: h_k are the layer block's top eigenvalues (descending), with overlaps in [0, 1]."""
+    out = tmp_path / "e"
+    args = ["probe", "--model", "mlp", "--top_k", "3", "--batch_size", "8", "--h", "eigen", "--no_plots"]
+    assert main(args + ["--output_dir", str(out)]) == 0
+    d = json.loads((out / "probe.json").read_text())
+    assert d["h"] == "eigen"
+    for lay in d["layers"].values():
+        h = lay["h"]
+        assert h == sorted(h, reverse=True)
+        assert all(0.0 <= o <= 1.0 + 1e-9 for o in lay["overlap"])
+    # the top eigenvalue bounds every Rayleigh quotient along u_k v_k^T from above
+    out_r = tmp_path / "r"
+    assert main(args[:-3] + ["--no_plots", "--output_dir", str(out_r)]) == 0
+    r = json.loads((out_r / "probe.json").read_text())
+    for name, lay in d["layers"].items():
+        assert max(r["layers"][name]["h"]) <= lay["h"][0] * (1 + 1e-9) + 1e-12

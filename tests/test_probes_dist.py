@@ -85,13 +85,6 @@ def _probe(model, batch):
     return out
 
 
-def _params(model):
-    return {
-        n: p.detach().to_local().clone() if hasattr(p, "to_local") else p.detach().clone()
-        for n, p in model.named_parameters()
-    }
-
-
 def _worker(rank, world_size):
     x, y = _batch()
     local = (x.chunk(world_size)[rank], y.chunk(world_size)[rank])
@@ -106,21 +99,23 @@ def _worker(rank, world_size):
 
     mesh = init_device_mesh("cpu", (world_size,))
     model = _model()
-    for layer in model:
-        if any(True for _ in layer.parameters()):
-            fully_shard(layer, mesh=mesh)
+    for layer in (model[0], model[3]):  # the head stays in the root's group
+        fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     lay = ProbeLayout.detect(model)
     assert lay.kind == "sharded"
     out["rows"] = {n: lay.rows(p) for n, p in model.named_parameters()}
     # a training-like state the probe must leave alone: gradients present
     _loss(model, local).backward()
-    before = _params(model)
-    grads = {n: p.grad.to_local().clone() for n, p in model.named_parameters()}
+    sharded = dict(model.named_parameters())  # the DTensors, captured while registered
+    before = {n: p.detach().to_local().clone() for n, p in sharded.items()}
+    grads = {n: p.grad.to_local().clone() for n, p in sharded.items()}
+    with torch.no_grad():  # an eval pass: FSDP2's root keeps its (head's) parameters unsharded after forward
+        model(local[0])
+    assert not all(hasattr(p, "to_local") for p in model.parameters())
     out["fsdp2"] = _probe(model, local)
-    after = _params(model)
-    out["restored"] = all(torch.equal(before[n], after[n]) for n in before) and all(
-        torch.equal(grads[n], p.grad.to_local()) for n, p in model.named_parameters()
+    out["restored"] = all(torch.equal(before[n], p.detach().to_local()) for n, p in sharded.items()) and all(
+        torch.equal(grads[n], p.grad.to_local()) for n, p in sharded.items()
     )
     with pytest.raises(ValueError, match="hvp='fd'"):
         CurvatureProbe(model, _loss, hvp="autograd")

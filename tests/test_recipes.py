@@ -299,6 +299,22 @@ def test_fsdp2_matches_single_process(runs):
     for key in ("train/loss", "val/loss"):
         a, b = _last(one, key), _last(two, key)
         assert abs(a - b) <= 1e-4 * abs(a), (key, a, b)
+    # the curvature probe ran in place on the sharded model (fd HVPs, each process half the probe batch)
+    # and measured what one process measured on the whole probe batch (autograd HVPs)
+    curv1 = {k: v for r in one if r.get("step") == 4 for k, v in r.items() if k.startswith("curv/")}
+    curv2 = {k: v for r in two if r.get("step") == 4 for k, v in r.items() if k.startswith("curv/")}
+    assert curv1 and set(curv1) == set(curv2)
+    compared = 0
+    for k, a in curv1.items():
+        a, b = float(a), float(curv2[k])
+        if k.endswith(("/gamma", "/participation_ratio")):  # gradient spectrum only
+            if np.isnan(a) and np.isnan(b):  # too few points for a fit in both runs
+                continue
+            assert abs(a - b) <= 1e-3 * abs(a), (k, a, b)
+            compared += 1
+        elif k.endswith("/alpha") and np.isfinite(a):  # also the HVPs (fd against autograd)
+            assert abs(a - b) <= 0.02, (k, a, b)
+    assert compared >= 2, sorted(curv1)  # at least the participation ratio of both probed layers
 
 
 @pytest.mark.slow

@@ -7,10 +7,13 @@ trajectory (TrajectoryMonitor), logged as ``curv/<layer>/<metric>`` and ``traj/.
 * Curvature: every ``diag_every`` steps and at the last step, :class:`~spectral_dist.probes.CurvatureProbe`
   measures h_k along the gradient's top singular directions of up to ``probe_layers`` matrices on a fixed
   training batch, and the fitted alpha, gamma, s, s_pred, rel_err and participation ratio are logged,
-  with a log-log figure of h_k against sigma_k. With replicated parameters (one process, DDP) the main
-  process probes the unwrapped model; with sharded ones (FSDP, DeepSpeed) the full weights are gathered
-  into a fresh copy of the model on the main process and probed there (double-backward HVPs do not work
-  through resharding; the copy costs one model's memory on the main process while the probe runs).
+  with a log-log figure of h_k against sigma_k. One process probes the unwrapped model. With several
+  processes the probe runs in place, distributed (:mod:`spectral_dist.probes.sharding`): each process takes
+  its share of the probe batch; under DDP and DeepSpeed ZeRO-1/2 products are all-reduced, under FSDP2 the
+  directions stay sharded and the HVPs are finite differences through FSDP2's backward; the numbers equal
+  one process's on the whole probe batch. Only FSDP v1 and ZeRO-3, whose flat partitions the probe cannot
+  perturb, fall back to gathering the full weights into a fresh copy of the model on the main process (one
+  model's memory there while the probe runs).
 """
 
 from __future__ import annotations
@@ -86,15 +89,63 @@ class RecipeDiagnostics:
         dev = self.accelerator.device
         return type(b)(t.to(dev) for t in b) if isinstance(b, (tuple, list)) else b.to(dev)
 
-    def probe(self):
-        """Run the curvature probe on the main process; returns its report there (None elsewhere).
+    def _in_place_layout(self):
+        """The ProbeLayout for probing the prepared model where it is, or None (one process, or a sharding
+        the probe cannot perturb: FSDP v1, ZeRO-3)."""
+        from spectral_dist.probes.sharding import ProbeLayout
 
-        Collective under FSDP/DeepSpeed: every process takes part in gathering the full weights."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return None
+        if acc.distributed_type == DistributedType.FSDP:
+            if getattr(acc.state.fsdp_plugin, "fsdp_version", 1) != 2:
+                return None
+        try:
+            layout = ProbeLayout.detect(self.model)
+        except ValueError:  # ZeRO-3
+            return None
+        return layout if layout.distributed else None
+
+    def _share(self, batch, rank: int, world: int):
+        """This process's equal share of the probe batch (the remainder beyond a multiple of world dropped)."""
+
+        def cut(t):
+            per = t.shape[0] // world
+            if per == 0:
+                raise ValueError(f"probe_batch_size must be at least the number of processes ({world})")
+            return t[rank * per : (rank + 1) * per]
+
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(cut(t) for t in batch)
+        return cut(batch)
+
+    def probe(self):
+        """Run the curvature probe; returns its report on the main process (None elsewhere).
+
+        Collective with several processes: every process probes its share of the batch (or, for FSDP v1 and
+        ZeRO-3, takes part in gathering the full weights)."""
         from spectral_dist.probes import CurvatureProbe
 
         cfg, acc = self.cfg, self.accelerator
         layers = self.matrix_names[: cfg.probe_layers] if cfg.probe_layers else self.matrix_names
         hvp = cfg.probe_hvp if cfg.probe_hvp != "auto" else "autograd"
+        layout = self._in_place_layout()
+        if layout is not None:
+            if layout.kind == "sharded":
+                hvp = "fd"  # FSDP2: gradients through its own backward; no double backward
+            names = self._tracked_names(dict(layout.module.named_parameters()))
+            names = names[: cfg.probe_layers] if cfg.probe_layers else names
+            probe = CurvatureProbe(
+                self.model,
+                self.task.loss_fn,
+                top_k=cfg.probe_top_k,
+                hvp=hvp,
+                layers=names,
+                mode="eval",
+                seed=cfg.seed,
+            )
+            report = probe.measure(self._share(self._batch(), acc.process_index, acc.num_processes))
+            return report if acc.is_main_process else None
         if self.sharded:
             full = acc.get_state_dict(self.model)  # collective; full weights on the main process
             target = None

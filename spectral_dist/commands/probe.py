@@ -35,6 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=4, help="random-sign samples (all_layers)")
     parser.add_argument("--mode", choices=("eval", "train", "current"), default="eval")
     parser.add_argument("--kfac_b", choices=("empirical", "hessian"), default="empirical")
+    parser.add_argument(
+        "--h",
+        choices=("rayleigh", "eigen"),
+        default="rayleigh",
+        help="h_k definition: curvature along u_k v_k^T (rayleigh) or the k-th eigenvalue of the layer's "
+        "Hessian block (eigen; adds the overlap |<q_k, u_k v_k^T>|)",
+    )
     parser.add_argument("--layers", nargs="*", default=None, help="parameter names (default: all matrices)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
@@ -136,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         samples=args.samples,
         kfac_b=args.kfac_b,
         seed=args.seed,
+        h=args.h,
     )
     t0 = time.perf_counter()
     report = probe.measure(batch)

@@ -330,6 +330,7 @@ class CurvatureProbe:
     # ------------------------------------------------------------------ measurement
     def measure(self, batch) -> ProbeReport:
         """Probe ``batch``; the model, its gradients and the RNG are left exactly as they were."""
+        self.layout.reshard()  # snapshot the FSDP2 shards, not unsharded views freed at the next reshard
         with preserve_training_state(self.model, self.optimizer):
             if self.mode == "eval":
                 self.model.eval()

@@ -56,6 +56,8 @@ class ProbeLayout:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.module, self.kind, self.group = module, kind, group
+        # FSDP2 registers unsharded tensors between a forward and the next reshard: keep the DTensors
+        self._all_params = list(module.parameters())
         if kind == "local":
             self.rank, self.world_size = 0, 1
         else:
@@ -84,6 +86,7 @@ class ProbeLayout:
             return cls(model.module, "replicated", group)
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        reshard(model)
         if any(_is_dtensor(p) for p in model.parameters()):
             for n, p in model.named_parameters():
                 if _is_dtensor(p):
@@ -101,6 +104,11 @@ class ProbeLayout:
         if process_group is not None:
             return cls(model, "replicated", process_group)
         return cls(model, "local")
+
+    def reshard(self) -> None:
+        """Put FSDP2 modules back in their sharded state (see :func:`reshard`)."""
+        if self.kind == "sharded":
+            reshard(self.module)
 
     @property
     def distributed(self) -> bool:
@@ -203,8 +211,8 @@ class ProbeLayout:
 
     def backward_grads(self, model: nn.Module, loss: torch.Tensor, params) -> list[torch.Tensor]:
         """Sharded: ``loss.backward()`` through FSDP2 and this rank's rows of each averaged gradient."""
-        everything = list(model.parameters())
-        for p in everything:
+        everything = self._all_params
+        for p in everything:  # FSDP2 accumulates into a sharded .grad that is not None
             p.grad = None
         loss.backward()
         out = []
@@ -221,3 +229,19 @@ def _comm_device(group) -> torch.device:
     if backend == "nccl" and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def reshard(model: nn.Module) -> None:
+    """Reshard every FSDP2 module of ``model``.
+
+    After a forward without backward (an eval pass; FSDP2's root keeps its parameters unsharded after
+    forward) a module's registered parameters are the unsharded tensors, whose storage FSDP2 frees at the
+    next reshard: a probe must snapshot, perturb and restore the sharded DTensors instead.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

@@ -333,6 +333,7 @@ class HessianSpectrum:
         if not (include_model or include_layers):
             raise ValueError("nothing to measure: include_model and include_layers are both False")
         res = SpectrumResult()
+        self.layout.reshard()  # snapshot the FSDP2 shards, not unsharded views freed at the next reshard
         opts = dict(
             top_k=top_k,
             trace=trace,
