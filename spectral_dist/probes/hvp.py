@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .state import preserve_training_state, rng_state, set_rng_state
 
@@ -126,6 +127,7 @@ class HVP:
         self.local = [p if layout is None else layout.local(p) for p in params]
         self.calls = 0
         self.gradient_evals = 0
+        self._eps_auto = None  # fd: relative step for the lowest precision seen in the forward
         self._grads = None  # autograd: first-order grads with their graph
         self._grad_func = None  # func: torch.func.grad of the loss as a function of params
 
@@ -218,37 +220,58 @@ class HVP:
         return [h.detach() for h in hv]
 
     def _fd(self, v):
-        eps_rel = self.fd_eps if self.fd_eps is not None else default_fd_eps(self.params)
         live = [i for i, t in enumerate(v) if t is not None]
         ps = [self.local[i] for i in live]
         vs = [v[i] for i in live]
         with torch.no_grad():
+            # Step scale: the parameters' magnitude *along v*, ||theta * v|| / ||v|| (the per-coordinate
+            # |theta_i| for v = e_i, the RMS of theta for a spread-out v). Scaling by the whole ||theta||
+            # instead overshoots on many-parameter blocks: 30% eigenvalue error on a 35k-parameter model.
+            sums = torch.zeros(2, dtype=torch.float64)
+            for p, t in zip(ps, vs):
+                t64 = t.detach().double()
+                sums[0] += t64.pow(2).sum()
+                sums[1] += (p.detach().double() * t64).pow(2).sum()
             if self.layout is not None and self.layout.kind == "sharded":  # global norms: one h everywhere
-                pnorm = self.layout.sqnorm(self.local) ** 0.5
-                vnorm = self.layout.sqnorm(vs) ** 0.5
-            else:
-                pnorm = float(torch.stack(torch._foreach_norm(self.params)).double().norm())
-                vnorm = float(torch.stack(torch._foreach_norm(vs)).double().norm())
+                sums = self.layout.sum(sums)
+            vnorm = float(sums[0]) ** 0.5
         if vnorm == 0.0:
             return [torch.zeros_like(p) for p in self.local]
-        h = eps_rel * max(1.0, pnorm) / vnorm
+        scale = max(1.0, float(sums[1]) ** 0.5 / vnorm)
         saved = [p.detach().clone() for p in ps]
         buffers = list(self.model.buffers())
         saved_buf = [b.detach().clone() for b in buffers]
         rng = rng_state()
         try:
-            grads = []
-            for sign in (1.0, -1.0):
-                with torch.no_grad():  # p = saved + sign * h * v, always from the saved copy
-                    torch._foreach_copy_(ps, saved)
-                    torch._foreach_add_(ps, vs, alpha=sign * h)
-                set_rng_state(rng)
-                with torch.enable_grad():
-                    grads.append(self.grad_fn(self.model, self.loss_fn, self.batch, self.params))
-                self.gradient_evals += 1
-                if buffers:
-                    with torch.no_grad():
-                        torch._foreach_copy_(buffers, saved_buf)
+            while True:
+                detect = self.fd_eps is None and self._eps_auto is None
+                eps_rel = (
+                    self.fd_eps
+                    if self.fd_eps is not None
+                    else (self._eps_auto or default_fd_eps(self.params))
+                )
+                h = eps_rel * scale / vnorm
+                grads = []
+                for sign in (1.0, -1.0):
+                    with torch.no_grad():  # p = saved + sign * h * v, always from the saved copy
+                        torch._foreach_copy_(ps, saved)
+                        torch._foreach_add_(ps, vs, alpha=sign * h)
+                    set_rng_state(rng)
+                    watch = _LowestPrecision() if detect else contextlib.nullcontext()
+                    with torch.enable_grad(), watch:
+                        grads.append(self.grad_fn(self.model, self.loss_fn, self.batch, self.params))
+                    self.gradient_evals += 1
+                    if buffers:
+                        with torch.no_grad():
+                            torch._foreach_copy_(buffers, saved_buf)
+                    if detect:
+                        # The rounding floor is set by the lowest precision the forward computes in (a
+                        # float32 softmax or loss in a float64 model, bf16 autocast), not the parameters'.
+                        self._eps_auto = max(eps_rel, watch.eps ** (1.0 / 3.0))
+                        if self._eps_auto > eps_rel:
+                            break  # redo this product with the step for that precision
+                if len(grads) == 2:
+                    break
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(ps, saved)
@@ -257,6 +280,21 @@ class HVP:
             set_rng_state(rng)
         out = torch._foreach_sub(grads[0], grads[1])
         torch._foreach_mul_(out, 1.0 / (2.0 * h))
+        return out
+
+
+class _LowestPrecision(TorchFunctionMode):
+    """Records the largest machine epsilon among the floating-point results of torch functions."""
+
+    def __init__(self):
+        super().__init__()
+        self.eps = 0.0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.eps = max(self.eps, float(torch.finfo(t.dtype).eps))
         return out
 
 
@@ -279,7 +317,11 @@ def make_hvp(
         params: parameters of ``model`` (requires_grad); ``v`` and the result are lists shaped like them.
         backend: ``"autograd"``, ``"func"`` or ``"fd"`` (see module docstring).
         fd_eps: relative finite-difference step; the absolute step along ``v`` is
-            ``fd_eps * max(1, ||params||) / ||v||``. Default cbrt(machine epsilon) of the parameter dtype.
+            ``fd_eps * max(1, ||params * v|| / ||v||) / ||v||`` (the parameters' magnitude along ``v``).
+            Default cbrt(machine epsilon) of the lowest precision the forward computes in: the first
+            product watches the dtypes of the forward's results (a float32 softmax or loss inside a float64
+            model, bf16 autocast) and, if one is coarser than the parameters, is redone with that step
+            (one extra gradient pass, counted in ``gradient_evals``).
         grad_fn: fd only: ``grad_fn(model, loss_fn, batch, params) -> list of gradients``; default
             ``torch.autograd.grad`` (leaves ``.grad`` untouched). Use it to compute gradients through an engine.
         layout: a :class:`~spectral_dist.probes.sharding.ProbeLayout` for DDP / ZeRO-1/2 / FSDP2 (see the

@@ -161,17 +161,19 @@ class ProbeLayout:
         """Sum over ranks of partial results computed on shards (identity unless sharded)."""
         if self.kind != "sharded":
             return t
-        t = t.contiguous()
+        dev = t.device
+        t = t.to(_comm_device(self.group)).contiguous()  # NCCL reduces CUDA tensors only
         self._allreduce_sum(t)
-        return t
+        return t.to(dev)
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """Mean over ranks of per-rank results (identity in one process)."""
         if self.kind == "local":
             return t
-        t = t.contiguous()
+        dev = t.device
+        t = t.to(_comm_device(self.group)).contiguous()
         self._allreduce_sum(t)
-        return t.div_(self.world_size)
+        return t.div_(self.world_size).to(dev)
 
     def sqnorm(self, tensors: Sequence[torch.Tensor]) -> float:
         """Squared norm of the global vector whose local parts are ``tensors``."""
