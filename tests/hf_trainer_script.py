@@ -1,16 +1,25 @@
 """A tiny GPT-2 trained by the Hugging Face Trainer with SpectralNewton and SpectralDiagnosticsCallback.
 
-Shared by tests/test_hf_trainer.py (in process) and run by ``accelerate launch`` as a script:
+Shared by tests/test_hf_trainer.py (in process) and run as a script by a launcher, ``OUT_DIR [ENGINE]``:
 
+    # DDP, 2 CPU processes (gloo)
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 tests/hf_trainer_script.py OUT_DIR
+    # DeepSpeed, 2 CPU processes: TrainingArguments(deepspeed=CONFIG)
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/hf_trainer_script.py OUT_DIR CONFIG
+    # DeepSpeed, 2 CPU processes: the config comes from accelerate launch (TrainingArguments without deepspeed=)
+    DS_ACCELERATOR=cpu accelerate launch --use_deepspeed --deepspeed_config_file CONFIG --num_processes 2 \
+        tests/hf_trainer_script.py OUT_DIR deepspeed-env
+    # FSDP2 on GPUs
+    accelerate launch --multi_gpu --num_processes 2 tests/hf_trainer_script.py OUT_DIR fsdp2
+    # FSDP2 on CPU (test harness, see CpuFsdp2Trainer)
+    torchrun --nproc_per_node 2 tests/hf_trainer_script.py OUT_DIR fsdp2-cpu
 
-(``--cpu --num_processes 2`` starts a single process in accelerate 1.x unless an MPI hostfile is given;
-``--multi_gpu`` starts the processes with torchrun and ``ACCELERATE_USE_CPU`` / ``use_cpu`` keep them on CPU,
-with the gloo backend.)
+(``accelerate launch --cpu --num_processes 2`` starts a single process in accelerate 1.x unless an MPI hostfile
+is given; ``--multi_gpu`` starts the processes with torchrun and ``ACCELERATE_USE_CPU`` / ``use_cpu`` keep them
+on CPU, with the gloo backend.)
 
-A second argument picks the engine: a DeepSpeed config path (its optimizer ``spectral_newton``), or ``fsdp2``
-(GPUs: accelerate enables FSDP only there). Each process writes ``OUT_DIR/rank<r>.pt`` (initial and final
-parameters, ``opt.stats()``, the log history, the last diagnostics).
+Each process writes ``OUT_DIR/rank<r>.pt``: initial and full final parameters (gathered under ZeRO-3 and FSDP2),
+``opt.stats()``, accelerate's process count, the log history, the last diagnostics.
 """
 
 from __future__ import annotations
@@ -83,6 +92,71 @@ def diagnostics_callback(**kw):
     return SpectralDiagnosticsCallback(**opts)
 
 
+class CpuFsdp2Trainer:
+    """Test harness: ``SpectralNewtonTrainer`` with accelerate's FSDP2 turned on in a CPU (gloo) run.
+
+    accelerate never enables FSDP on CPU: ``AcceleratorState.__init__`` (accelerate/state.py, the
+    ``elif self.distributed_type in [DistributedType.MULTI_GPU, ...]`` branch, about line 986) installs the
+    FSDP plugin only for GPU-like distributed types, so under ``MULTI_CPU`` the plugin is dropped silently and the
+    Trainer wraps the model in DDP. This subclass does, after the Trainer has created its ``Accelerator``, what
+    that branch does on GPUs (``distributed_type = FSDP``, ``fsdp_plugin`` from ``TrainingArguments``, mirrored
+    into ``PartialState`` as accelerate does at the end of ``AcceleratorState.__init__``). Everything after that
+    is unchanged: the Trainer's FSDP2 path, accelerate's ``fully_shard`` preparation and SpectralNewton's
+    distributed engine on DTensor parameters.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        from spectral_dist.integrations.hf import SpectralNewtonTrainer
+
+        class _Trainer(SpectralNewtonTrainer):
+            def create_accelerator_and_postprocess(self):
+                super().create_accelerator_and_postprocess()
+                state = self.accelerator.state
+                if getattr(state, "fsdp_plugin", None) is None and self.args.fsdp_plugin_args:
+                    state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+                    state.distributed_type = DistributedType.FSDP
+                    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+                    self.is_fsdp_enabled = True
+
+        return _Trainer(*args, **kwargs)
+
+
+def _full_parameters(trainer) -> dict[str, torch.Tensor]:
+    """Full copies of the trained parameters on every process (collective under ZeRO-3 and FSDP2)."""
+    model = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
+    params = dict(model.named_parameters())
+    if trainer.is_deepspeed_enabled:
+        import deepspeed
+
+        params = dict(trainer.model_wrapped.module.named_parameters())
+        plist = list(params.values())
+        with deepspeed.zero.GatheredParameters(plist, enabled=hasattr(plist[0], "ds_id")):
+            return {n: p.detach().clone() for n, p in params.items()}
+    out = {}
+    for n, p in params.items():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p  # DTensor under FSDP2
+        out[n] = full.detach().clone()
+    return out
+
+
+def _zero_info(trainer, opt) -> dict | None:
+    """Under DeepSpeed: the ZeRO optimizer that wraps the ZeroSpectralNewton, the attached layout's world
+    size and owner plan (matrix -> rank); None otherwise."""
+    layout = getattr(opt, "_zero", None)
+    if layout is None:
+        return None
+    o, wrapper = trainer.optimizer, None
+    for _ in range(4):  # accelerate wrapper -> ZeRO optimizer -> ours
+        if getattr(o, "optimizer", None) is opt:
+            wrapper = type(o).__name__
+            break
+        o = getattr(o, "optimizer", None)
+    return {"wrapper": wrapper, "world": layout.world, "owners": dict(layout.plan.owners)}
+
+
 def main(
     out_dir: str,
     report_to=("wandb",),
@@ -90,9 +164,9 @@ def main(
     engine: str | None = None,
     spectral_options: dict | None = None,
 ) -> None:
-    """``SpectralNewtonTrainer`` (+ diagnostics) under ``accelerate launch`` (each process holds 1/world of the
-    batch of ``BATCH`` examples, so every world size trains on the same global batches); also run in process
-    as the 1-process reference."""
+    """``SpectralNewtonTrainer`` (+ diagnostics) under a launcher (each process holds 1/world of the batch of
+    ``BATCH`` examples, so every world size trains on the same global batches); also run in process as the
+    1-process reference."""
     import torch.distributed as dist
     import wandb
 
@@ -101,8 +175,14 @@ def main(
     out = Path(out_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     extra = {}
+    trainer_cls = SpectralNewtonTrainer
+    fsdp = dict(fsdp=True, fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]})
     if engine == "fsdp2":  # accelerate enables FSDP on GPUs only
-        extra = dict(fsdp=True, fsdp_config={"fsdp_version": 2}, use_cpu=False)
+        extra = dict(fsdp, use_cpu=False)
+    elif engine == "fsdp2-cpu":
+        extra, trainer_cls = dict(fsdp, use_cpu=True), CpuFsdp2Trainer
+    elif engine == "deepspeed-env":  # accelerate launch --use_deepspeed --deepspeed_config_file ...
+        extra = dict(use_cpu=False)
     elif (
         engine
     ):  # a DeepSpeed config; use_cpu=True would make the Trainer drop DeepSpeed (DS_ACCELERATOR=cpu)
@@ -111,7 +191,7 @@ def main(
     model = make_model()
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     cb = diagnostics_callback() if diagnostics else None
-    trainer = SpectralNewtonTrainer(
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=ByteCorpus(),
@@ -121,16 +201,22 @@ def main(
     trainer.train()
     rank = dist.get_rank() if dist.is_initialized() else 0
     opt = trainer.spectral_optimizer()
+    final = _full_parameters(trainer)
     torch.save(
         {
             "world": dist.get_world_size() if dist.is_initialized() else 1,
+            "num_processes": trainer.accelerator.num_processes,
+            "process_index": trainer.accelerator.process_index,
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "model_class": type(trainer.model).__name__,
             "engine": type(opt._engine).__name__,
             "optimizer": type(opt).__name__,
+            "zero": _zero_info(trainer, opt),
             "groups": [
                 {k: v for k, v in g.items() if k not in ("params", "param_names")} for g in opt.param_groups
             ],
             "init": init,
-            "final": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+            "final": final,
             "stats": opt.stats(),
             "log_history": trainer.state.log_history,
             "diag": cb.last_metrics if cb is not None else {},
@@ -144,3 +230,8 @@ def main(
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main(sys.argv[1], engine=sys.argv[2] if len(sys.argv) > 2 else None)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # an orderly gloo shutdown (FSDP2's mesh groups abort at exit otherwise)
+        dist.barrier()
+        dist.destroy_process_group()

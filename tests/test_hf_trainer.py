@@ -1,5 +1,7 @@
 """Hugging Face Trainer with SpectralNewton and SpectralDiagnosticsCallback: one process in-process, and two
-processes through the real ``accelerate launch``; diagnostics keys checked in W&B's offline run file."""
+CPU processes through real launchers (``accelerate launch`` DDP, DeepSpeed ZeRO-2 under ``torchrun``, ZeRO-3
+under ``accelerate launch --use_deepspeed``, FSDP2 under ``torchrun``), each compared with one process on the
+same global batches; diagnostics keys checked in W&B's offline run file."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from hf_trainer_script import STEPS, ByteCorpus, diagnostics_callback, make_args
 from spectral_dist.integrations.hf import (
     CURVATURE_KEYS,
     SpectralDiagnosticsCallback,
+    repair_deepspeed_cpu_state,
     spectral_newton_optimizers,
 )
 from spectral_dist.logging import find_offline_runs, read_offline_run
@@ -152,6 +155,34 @@ def test_engine_guards(tmp_path):
         spectral_newton_optimizers(make_model(), args)
 
 
+def test_launch_guards(tmp_path, monkeypatch):
+    """A launch that accelerate does not count in full, or FSDP that accelerate dropped, is an error."""
+    from types import SimpleNamespace
+
+    from spectral_dist.integrations.hf import _check_launch
+
+    assert repair_deepspeed_cpu_state(make_args(tmp_path, report_to=[])) is False  # no DeepSpeed: no-op
+
+    def fake(processes, fsdp=False, fsdp_enabled=False):
+        acc = SimpleNamespace(num_processes=processes, distributed_type="MULTI_CPU")
+        return SimpleNamespace(
+            accelerator=acc,
+            args=SimpleNamespace(fsdp=fsdp),
+            is_fsdp_enabled=fsdp_enabled,
+            is_fsdp_xla_enabled=False,
+        )
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="each process would train alone"):
+        _check_launch(fake(1))
+    _check_launch(fake(2))
+    with pytest.raises(ValueError, match="did not enable it"):
+        _check_launch(fake(2, fsdp=True))
+    _check_launch(fake(2, fsdp=True, fsdp_enabled=True))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    _check_launch(fake(1))
+
+
 @pytest.mark.slow
 def test_trainer_single_process(offline_wandb):
     from transformers import Trainer
@@ -200,6 +231,86 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _launch(launcher: list[str], out: Path, *script_args: str) -> list[dict]:
+    """Run ``launcher tests/hf_trainer_script.py out *script_args`` (2 CPU processes); the per-rank results."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
+    cmd = [*launcher, str(ROOT / "tests" / "hf_trainer_script.py"), str(out), *script_args]
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{launcher[0]} timed out: {(e.stderr or '')[-3000:]}")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    return [torch.load(out / f"rank{i}.pt", weights_only=False) for i in range(2)]
+
+
+def _torchrun() -> list[str]:
+    return [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2"]
+
+
+def _config_options(cfg: Path) -> dict:
+    """The config's optimizer params as SpectralNewtonTrainer(spectral_options=...) of the plain reference."""
+    import json
+
+    params = json.loads(cfg.read_text())["optimizer"]["params"]
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in params.items() if k != "alpha"}
+
+
+def _one_process(out: Path, spectral_options: dict | None = None) -> dict:
+    """The plain 1-process SpectralNewtonTrainer run (the whole batch of BATCH examples per step)."""
+    from hf_trainer_script import main
+
+    out.mkdir()
+    main(str(out), report_to=(), diagnostics=False, spectral_options=spectral_options)
+    ref = torch.load(out / "rank0.pt", weights_only=False)
+    assert ref["world"] == 1 and ref["optimizer"] == "SpectralNewton"
+    return ref
+
+
+def _compare(final: dict, ref: dict) -> tuple[float, float]:
+    """(largest per-parameter relative difference, whole-model relative difference) to ``ref``'s final
+    parameters; every parameter must have moved from its initial value."""
+    worst, num, den = 0.0, 0.0, 0.0
+    for n, p in ref["final"].items():
+        assert not torch.equal(final[n], ref["init"][n]), n
+        d = (final[n] - p).double()
+        worst = max(worst, (d.norm() / p.double().norm()).item())
+        num, den = num + d.square().sum().item(), den + p.double().square().sum().item()
+    return worst, math.sqrt(num / den)
+
+
+def _check_matches(res: list[dict], ref: dict) -> tuple[float, float]:
+    """Both ranks hold the same parameters, equal to one process on the same global batches up to float
+    round-off (the 2-process gradient is the mean of two half-batch means, reduced in another order). The
+    largest per-parameter difference is c_attn.bias: its key third has zero gradient in exact arithmetic
+    (softmax ignores a shift of all scores), so it moves by round-off only."""
+    for n, p in res[0]["final"].items():
+        assert torch.equal(p, res[1]["final"][n]), n
+    worst, whole = _compare(res[0]["final"], ref)
+    assert worst < 1e-4 and whole < 1e-5, (worst, whole)
+    return worst, whole
+
+
+def _check_one_owner(res: list[dict], matrices) -> None:
+    """Each matrix gets SpectralNewton's step on exactly one rank, STEPS times; both ranks own some."""
+    owners = {}
+    for rank, x in enumerate(res):
+        for name, st in x["stats"].items():
+            if st["kind"] == "spectral" and st["steps"] > 0:
+                assert name not in owners, name
+                assert st["steps"] == STEPS, (name, st)
+                owners[name] = rank
+    assert set(owners) == set(matrices), sorted(owners)
+    assert set(owners.values()) == {0, 1}
+
+
+def _check_probe_on_main(tmp: Path, res: list[dict]) -> None:
+    """One W&B run (rank 0 is the only world process zero), curvature logged every 2 steps and at the end."""
+    history = _wandb_history(tmp)
+    assert [r["train/global_step"] for r in history if f"curv/{ATTN}/alpha" in r] == [2, 4, 5]
+    assert any(k.startswith("curv/") for k in res[0]["diag"])
+    assert not any(k.startswith("curv/") for k in res[1]["diag"])
 
 
 @pytest.mark.slow
@@ -258,9 +369,8 @@ def test_trainer_accelerate_launch_two_processes(offline_wandb):
 
 @pytest.mark.slow
 def test_trainer_deepspeed_zero2_matches_plain(offline_wandb):
-    """SpectralNewtonTrainer with a DeepSpeed config naming spectral_newton (ZeRO-2, one CPU process: the
-    HF Trainer's accelerate state counts one process per rank when DeepSpeed runs on CPU, so more processes
-    would each train alone) equals the plain SpectralNewtonTrainer with the config's optimizer params."""
+    """SpectralNewtonTrainer with a DeepSpeed config naming spectral_newton (ZeRO-2, one CPU process) equals
+    the plain SpectralNewtonTrainer with the config's optimizer params (two processes: the tests below)."""
     import json
 
     from hf_trainer_script import main
@@ -305,3 +415,74 @@ def test_trainer_deepspeed_zero2_matches_plain(offline_wandb):
         assert not torch.equal(p, ref["init"][n]), n
         rel = ((ds["final"][n] - p).norm() / p.norm()).item()
         assert rel < 1e-4, (n, rel)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_trainer_deepspeed_two_processes_match_one_process(offline_wandb, stage):
+    """2 CPU processes of DeepSpeed under the Trainer: ZeRO-2 launched by torchrun with
+    ``TrainingArguments(deepspeed=config)``, ZeRO-3 (every parameter partitioned) by ``accelerate launch
+    --use_deepspeed --deepspeed_config_file``. Accelerate would count one process per rank here (every rank on
+    the same batches, parameters 37% off); SpectralNewtonTrainer repairs its state, so both runs equal one
+    process on the same global batches, with ZeroSpectralNewton attached to ZeRO's optimizer."""
+    import json
+
+    tmp = offline_wandb
+    cfg = ROOT / "configs" / "deepspeed" / f"zero{stage}_spectral_newton.json"
+    out = tmp / "ds"
+    out.mkdir()
+    port = ["--master_port", str(_free_port())]
+    if stage == 2:
+        res = _launch([*_torchrun(), *port], out, str(cfg))
+    else:
+        c = json.loads(cfg.read_text())
+        c["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every parameter
+        cfg = tmp / "zero3.json"
+        cfg.write_text(json.dumps(c))
+        accelerate = str(Path(sys.executable).with_name("accelerate"))
+        res = _launch(
+            [accelerate, "launch", "--use_deepspeed", "--deepspeed_config_file", str(cfg)]
+            + ["--num_processes", "2", "--num_machines", "1", "--main_process_port", port[1]],
+            out,
+            "deepspeed-env",
+        )
+    zero = "DeepSpeedZeroOptimizer" + ("_Stage3" if stage == 3 else "")
+    for rank, x in enumerate(res):
+        assert (x["world"], x["num_processes"], x["process_index"]) == (2, 2, rank)
+        assert x["distributed_type"] == "DistributedType.DEEPSPEED"
+        assert x["optimizer"] == "ZeroSpectralNewton"
+        assert x["zero"]["wrapper"] == zero and x["zero"]["world"] == 2  # attached to ZeRO, over 2 ranks
+        assert {g["lr"] for g in x["groups"]} == {1e-3}  # the config's lr
+    assert res[0]["zero"]["owners"] == res[1]["zero"]["owners"]
+    _check_one_owner(res, res[0]["zero"]["owners"])
+    _check_probe_on_main(tmp, res)
+    ref = _one_process(tmp / "single", _config_options(cfg))
+    worst, whole = _check_matches(res, ref)
+    print(f"ZeRO-{stage}, 2 processes vs 1: max relative difference {worst:.2e} (whole model {whole:.2e})")
+
+
+@pytest.mark.slow
+def test_trainer_fsdp2_two_processes_match_one_process(offline_wandb):
+    """FSDP2 under the Trainer, 2 CPU processes (gloo). accelerate never enables FSDP on CPU
+    (docs/hf_trainer.md), so the script's CpuFsdp2Trainer does what accelerate does on GPUs; the rest is the
+    Trainer's FSDP2 path: SpectralNewton created before accelerate's ``fully_shard``, its distributed engine
+    on DTensor parameters, trajectory all-reduced, probe on a gathered copy. Equals one process."""
+    tmp = offline_wandb
+    out = tmp / "fsdp2"
+    out.mkdir()
+    res = _launch([*_torchrun(), "--master_port", str(_free_port())], out, "fsdp2-cpu")
+    for rank, x in enumerate(res):
+        assert (x["world"], x["num_processes"], x["process_index"]) == (2, 2, rank)
+        assert x["distributed_type"] == "DistributedType.FSDP"
+        assert x["model_class"] == "FSDPGPT2LMHeadModel"  # accelerate's fully_shard, not DDP
+        assert x["optimizer"] == "SpectralNewton" and x["engine"] == "DistributedEngine"
+    matrices = [n for n, st in res[0]["stats"].items() if st["kind"] == "spectral"]
+    assert ATTN in matrices and MLP_UP in matrices
+    _check_one_owner(res, matrices)
+    assert all(x["stats"]["transformer.wte.weight"]["steps"] == STEPS for x in res)  # AdamW: on every rank
+    assert all(k in res[1]["diag"] for k in EXPECTED_TRAJ)
+    assert res[0]["diag"][EXPECTED_TRAJ[0]] == res[1]["diag"][EXPECTED_TRAJ[0]]  # all-reduced sketches
+    _check_probe_on_main(tmp, res)
+    ref = _one_process(tmp / "single")
+    worst, whole = _check_matches(res, ref)
+    print(f"FSDP2, 2 processes vs 1: max relative difference {worst:.2e} (whole model {whole:.2e})")

@@ -12,8 +12,10 @@
   sees ``.grad``: the Trainer zeroes gradients right after ``optimizer.step()``), and every ``every`` steps runs
   the :class:`~spectral_dist.probes.CurvatureProbe` on a fixed batch and logs ``curv/<layer>/<metric>`` and
   ``traj/...`` (the recipes' key names) through the Trainer's reporters.
+* :func:`repair_deepspeed_cpu_state` makes accelerate count every process of a multi-process DeepSpeed run on
+  CPU (``SpectralNewtonTrainer`` calls it; without it every rank trains on the same batches).
 
-See docs/hf_trainer.md for an example.
+See docs/hf_trainer.md for an example and the launch commands.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "build_scheduler",
     "curvature_metrics",
     "optimizer_options",
+    "repair_deepspeed_cpu_state",
     "spectral_newton_optimizers",
     "training_steps",
 ]
@@ -159,6 +162,97 @@ def spectral_newton_optimizers(
     return opt, build_scheduler(opt, args, n)
 
 
+def repair_deepspeed_cpu_state(args: TrainingArguments) -> bool:
+    """Make accelerate count every process of a multi-process DeepSpeed run on CPU. Returns True if it did.
+
+    Without GPUs, ``TrainingArguments`` builds accelerate's ``PartialState`` for DeepSpeed without a backend
+    (transformers' ``_setup_devices`` passes none on that path, and accelerate's ``_prepare_backend`` finds no
+    GPU, so it stays ``None``). ``deepspeed.init_distributed`` still forms the process group (the CPU
+    accelerator's ``communication_backend_name()`` is ``gloo`` without oneCCL), but accelerate then sets
+    ``num_processes = 1`` and ``process_index = 0`` on every rank: the Trainer does not shard the data (every
+    rank trains on the same batches), every rank logs and saves as the main process, and the DeepSpeed config's
+    ``train_batch_size`` is computed for one process. This rebuilds the state with the process group's backend
+    (the group itself is kept) and, for ``TrainingArguments(deepspeed=...)``, redoes the DeepSpeed config
+    processing with the right world size. A no-op in every other case (GPUs, one process, no DeepSpeed).
+    :class:`SpectralNewtonTrainer` calls it before the Trainer creates its ``Accelerator``.
+    """
+    import os
+
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if not args.deepspeed and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return False
+    _ = args.device  # builds the state (and DeepSpeed's process group) if not yet done
+    state = args.distributed_state
+    if state is None or state.distributed_type != DistributedType.DEEPSPEED or state.backend is not None:
+        return False
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return False
+    world = dist.get_world_size()
+    if state.num_processes == world:
+        return False
+    if AcceleratorState._shared_state:
+        raise RuntimeError(
+            "an Accelerator already exists with a one-process state in this multi-process DeepSpeed CPU run: call "
+            "repair_deepspeed_cpu_state(args) before creating the Trainer / Accelerator"
+        )
+    timeout = getattr(args, "ddp_timeout_delta", None)
+    flag = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # as transformers does while it builds the state
+    try:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        kwargs = {"timeout": timeout} if timeout is not None else {}
+        args.distributed_state = PartialState(backend=dist.get_backend(), **kwargs)
+    finally:
+        if flag is None:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = flag
+    if args.distributed_state.num_processes != world:  # pragma: no cover - accelerate changed
+        raise RuntimeError(
+            f"accelerate counts {args.distributed_state.num_processes} processes in a DeepSpeed process group "
+            f"of {world}: every rank would train alone"
+        )
+    if args.deepspeed and getattr(args, "hf_deepspeed_config", None) is not None:
+        from accelerate.utils import DeepSpeedPlugin
+        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+        # as TrainingArguments.__post_init__, now with the right world size (train_batch_size)
+        args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(args.deepspeed)
+        args.hf_deepspeed_config.trainer_config_process(args)
+        args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=args.hf_deepspeed_config)
+    return True
+
+
+def _check_launch(trainer: Trainer) -> None:
+    """Refuse runs in which accelerate quietly ignored the launch: each launched process training alone, or
+    FSDP asked for but not enabled (accelerate enables it only on GPUs)."""
+    import os
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    counted = trainer.accelerator.num_processes
+    if launched > 1 and counted != launched:
+        raise RuntimeError(
+            f"{launched} processes were launched (WORLD_SIZE) but the Trainer's accelerator counts {counted}, so "
+            "each process would train alone on the same batches. Without GPUs: DDP needs use_cpu=True or "
+            "ACCELERATE_USE_CPU=true (gloo); DeepSpeed needs use_cpu=False and DS_ACCELERATOR=cpu "
+            "(see docs/hf_trainer.md)"
+        )
+    if (
+        getattr(trainer.args, "fsdp", None)
+        and not trainer.is_fsdp_enabled
+        and not trainer.is_fsdp_xla_enabled
+    ):
+        raise ValueError(
+            "TrainingArguments ask for FSDP but accelerate did not enable it "
+            f"(distributed type {trainer.accelerator.distributed_type}): accelerate installs the FSDP plugin only "
+            "for GPU-like distributed types, not for MULTI_CPU, so this run would be plain DDP. Launch on GPUs, "
+            "or drop fsdp/fsdp_config to run DDP on CPU (see docs/hf_trainer.md)"
+        )
+
+
 def _zero_spectral(optimizer):
     """The ZeroSpectralNewton inside accelerate/DeepSpeed wrappers, or None."""
     from .deepspeed import ZeroSpectralNewton
@@ -189,6 +283,11 @@ class SpectralNewtonTrainer(Trainer):
     ``TrainingArguments`` values, which fill the missing ones; the optimizer section is removed before
     DeepSpeed sees it, and the ZeroSpectralNewton is attached to the ZeRO optimizer after
     ``accelerator.prepare``. A DeepSpeed config naming another optimizer is an error.
+
+    Multi-process DeepSpeed on CPU: accelerate would count one process per rank (see
+    :func:`repair_deepspeed_cpu_state`, called before the Trainer creates its ``Accelerator``). A launch that
+    accelerate still does not count in full, or FSDP asked for where accelerate does not enable it (CPU), is
+    an error rather than a run in which every process trains alone or FSDP is silently replaced by DDP.
     """
 
     def __init__(
@@ -203,7 +302,11 @@ class SpectralNewtonTrainer(Trainer):
         self.spectral_options = dict(spectral_options or {})
         self.head_names = tuple(head_names)
         self._ds_params = None
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if targs is not None:
+            repair_deepspeed_cpu_state(targs)
         super().__init__(*args, **kwargs)
+        _check_launch(self)
         if self.is_deepspeed_enabled:
             self._take_deepspeed_optimizer()
         elif self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
@@ -399,7 +502,9 @@ class SpectralDiagnosticsCallback(TrainerCallback):
                 "trainer.add_callback(SpectralDiagnosticsCallback(trainer=trainer, ...)) / callback.bind(trainer)"
             )
         model = self._base_model()
-        self.probe_layers = self._matrix_names(model)
+        # ZeRO-3 partitions hold no shapes (every parameter looks empty): name the layers on the gathered copy
+        zero3 = self._is_deepspeed() and self._sharded()
+        self.probe_layers = None if zero3 else self._matrix_names(model)
         if self.traj_every is not None and not self._is_deepspeed() and self.monitor is None:
             from ..diagnostics import TrajectoryMonitor
 
@@ -472,13 +577,18 @@ class SpectralDiagnosticsCallback(TrainerCallback):
             if acc.is_main_process:
                 base = self._base_model()
                 cls = _plain_class(base)
-                target = cls._from_config(base.config) if hasattr(cls, "_from_config") else cls(base.config)
+                # under ZeRO-3 `_from_config` builds inside deepspeed.zero.Init, a collective that would
+                # hang here on the main process alone: build the plain model directly then
+                plain = self._is_deepspeed() or not hasattr(cls, "_from_config")
+                target = cls(base.config) if plain else cls._from_config(base.config)
                 target.load_state_dict(full)
                 target.to(acc.device)
         else:
             target = self._base_model()
         report = None
         if acc.is_main_process:
+            if self.probe_layers is None:
+                self.probe_layers = self._matrix_names(target)
             probe = CurvatureProbe(
                 target, self.loss_fn, top_k=self.top_k, hvp=self.hvp, layers=self.probe_layers, seed=self.seed
             )
