@@ -359,12 +359,20 @@ def test_trainer_accelerate_launch_two_processes(offline_wandb):
     from hf_trainer_script import main
 
     (tmp / "single").mkdir()
-    main(str(tmp / "single"), report_to=(), diagnostics=False)
+    main(str(tmp / "single"), report_to=())
     ref = torch.load(tmp / "single" / "rank0.pt", weights_only=False)
     assert ref["world"] == 1 and ref["engine"] == "LocalEngine"
     for n, p in ref["final"].items():
         rel = ((res[0]["final"][n] - p).norm() / p.norm()).item()
         assert rel < 1e-4, (n, rel)
+    # the probe ran in place on both processes (half the probe batch each, products all-reduced) and
+    # measured what one process measures on the whole batch
+    curv = {k: v for k, v in ref["diag"].items() if k.startswith("curv/")}
+    assert curv and set(curv) == {k for k in res[0]["diag"] if k.startswith("curv/")}
+    for k, a in curv.items():
+        b = res[0]["diag"][k]
+        if k.endswith(("/gamma", "/participation_ratio", "/alpha")) and math.isfinite(a):
+            assert abs(a - b) <= 1e-3 * max(1.0, abs(a)), (k, a, b)
 
 
 @pytest.mark.slow

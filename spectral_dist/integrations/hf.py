@@ -565,12 +565,64 @@ class SpectralDiagnosticsCallback(TrainerCallback):
             return type(batch)(v.to(device) if torch.is_tensor(v) else v for v in batch)
         return batch.to(device)
 
+    def _in_place_layout(self):
+        """The ProbeLayout for probing the Trainer's (wrapped) model where it is, distributed, or None (one
+        process, FSDP v1, ZeRO-3: the probe cannot perturb flat partitions)."""
+        from ..probes.sharding import ProbeLayout
+
+        t = self.trainer
+        if t.accelerator.num_processes == 1:
+            return None
+        try:
+            layout = ProbeLayout.detect(t.model_wrapped)
+        except ValueError:  # ZeRO-3
+            return None
+        return layout if layout.distributed else None
+
+    def _share(self, batch, rank: int, world: int):
+        """This process's equal share of the probe batch (split along the batch dimension)."""
+
+        def cut(v):
+            if not torch.is_tensor(v) or v.ndim == 0:
+                return v
+            per = v.shape[0] // world
+            if per == 0:
+                raise ValueError(f"batch_size must be at least the number of processes ({world})")
+            return v[rank * per : (rank + 1) * per]
+
+        if isinstance(batch, Mapping):
+            return {k: cut(v) for k, v in batch.items()}
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(cut(v) for v in batch)
+        return cut(batch)
+
     def probe(self):
-        """The curvature report on the main process (None elsewhere); collective under FSDP2 / ZeRO-3."""
+        """The curvature report on the main process (None elsewhere); collective with several processes.
+
+        DDP, FSDP2 and ZeRO-1/2: every process probes its share of the batch in place (the numbers are one
+        process's on the whole batch; FSDP2 uses finite-difference HVPs). FSDP v1 and ZeRO-3: the full weights
+        are gathered into a copy on the main process and probed there."""
         from ..probes import CurvatureProbe
 
         t = self.trainer
         acc = t.accelerator
+        layout = self._in_place_layout()
+        if layout is not None:
+            named = dict(layout.module.named_parameters())
+            names = []
+            for n in self.probe_layers or self._matrix_names(layout.module):
+                names.append(next((k for k in named if k == n or k.endswith("." + n)), n))
+            probe = CurvatureProbe(
+                t.model_wrapped,
+                self.loss_fn,
+                top_k=self.top_k,
+                hvp="fd" if layout.kind == "sharded" else self.hvp,
+                layers=names,
+                seed=self.seed,
+            )
+            batch = self._share(self._to_device(self.batch, acc.device), acc.process_index, acc.num_processes)
+            report = probe.measure(batch)
+            return report if acc.is_main_process else None
         if self._sharded():
             full = acc.get_state_dict(t.model_wrapped)  # collective; full weights on the main process
             target = None
