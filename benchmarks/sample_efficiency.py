@@ -387,6 +387,13 @@ def main(argv=None):
     if a.from_json:
         runs = [r for f in a.from_json for r in json.loads(Path(f).read_text())["runs"]]
         runs = [r for r in runs if r["task"] in a.tasks]
+        seen, unique = set(), []  # a run repeated across files (e.g. AdamW, which always runs) counts once
+        for r in runs:
+            key = (r["task"], r["opt"], r["lr"], r["seed"])
+            if key not in seen:
+                seen.add(key)
+                unique.append(r)
+        runs = unique
         a.lrs = sorted({r["lr"] for r in runs})
         a.seeds = len({r["seed"] for r in runs})
     else:
