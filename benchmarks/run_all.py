@@ -4,7 +4,7 @@
 2. ``sample_efficiency.py``: steps to target accuracy / loss, SpectralNewton against AdamW and Muon;
 3. ``distributed_scaling.py``: the sharded optimizer step at 1, 2, 4 ranks and state bytes per rank.
 
-    python benchmarks/run_all.py              # full budgets (under 30 min on an idle 2-core CPU)
+    python benchmarks/run_all.py              # full budgets (15 min on an idle 2-core CPU, reproduce included)
     python benchmarks/run_all.py --write      # ... and append the results to benchmarks/RESULTS.md
     python benchmarks/run_all.py --quick      # smoke run of every script (about a minute)
 
@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     failed = []
+    t_all = time.perf_counter()
     for name, cmd in commands(a.quick, a.write, out_dir, a.reproduce or a.only == ["reproduce"]):
         if a.only and name not in a.only:
             continue
@@ -77,6 +78,14 @@ def main(argv=None) -> int:
             stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
             with (HERE / "RESULTS.md").open("a") as f:
                 f.write(f"\n### Distributed scaling (via run_all.py) — {stamp}\n\n{table}\n")
+    total = time.perf_counter() - t_all
+    print(f"run_all: {total:.0f} s in all", flush=True)
+    if a.write and not failed:
+        stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+        with (HERE / "RESULTS.md").open("a") as f:
+            f.write(
+                f"\n`python benchmarks/run_all.py {' '.join(sys.argv[1:])}` finished in {total:.0f} s ({stamp}).\n"
+            )
     if failed:
         print(f"failed: {', '.join(failed)}")
     return 1 if failed else 0
