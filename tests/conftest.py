@@ -7,6 +7,8 @@ process oversubscribes the cores and slows the suite several-fold.
 
 import os
 
+import pytest
+
 for key, value in {
     "DS_ACCELERATOR": "cpu",
     "WANDB_MODE": "offline",
@@ -18,3 +20,16 @@ for key, value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(key, value)
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch for tiny problems: intra-op threads only add contention on the shared 2-core
+    test machine (tiny float64 eigenproblems ran 35x slower with 2). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch  # here, not at the top: the environment above must be set before torch loads
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -9,13 +9,7 @@ from spectral_dist.models import classification_loss, tiny_mlp
 from spectral_dist.optim import DEFAULT_ALPHA, AutoAlpha, SpectralNewton
 from spectral_dist.probes import CurvatureProbe
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(alpha="auto"):

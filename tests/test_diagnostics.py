@@ -22,14 +22,7 @@ from spectral_dist.diagnostics.predictors import min_history
 from spectral_dist.diagnostics.reduce import owner_plan
 from spectral_dist.diagnostics.sketch import local_runs
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded: intra-op threads only add contention on the shared 2-core test machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _vec(n, seed):

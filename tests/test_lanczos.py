@@ -15,14 +15,7 @@ from spectral_dist.probes.lanczos import (
     slq_density,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 problems: intra-op threads only add contention on a shared CPU (35x slower at 2)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _matrix(n=120, seed=0, decay=1.5, neg_frac=0.3):

@@ -23,12 +23,7 @@ TOP_K = 3
 REL = 1e-7  # fd HVPs of the same loss summed in another order: rounding / fd step, float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model():
@@ -188,3 +183,16 @@ def test_probes_ddp_and_fsdp2_equal_one_process_on_the_global_batch():
     # every rank reports the same numbers (repr: NaN fits compare equal)
     for engine in ("ddp", "fsdp2", "zero2"):
         assert repr(per_rank[0][engine]) == repr(per_rank[1][engine]), engine
+
+
+def test_split_batch_gives_equal_shares_that_cover_the_kept_batch():
+    from spectral_dist.probes.sharding import split_batch
+
+    x, y = torch.arange(10).view(5, 2), torch.arange(5)
+    shares = [split_batch((x, y), r, 2) for r in range(2)]
+    assert [s[0].shape[0] for s in shares] == [2, 2]  # the 5th sample is dropped: equal shares
+    assert torch.equal(torch.cat([s[1] for s in shares]), y[:4])
+    d = split_batch({"input_ids": x, "labels": y, "flag": True}, 1, 2)
+    assert torch.equal(d["input_ids"], x[2:4]) and d["flag"] is True
+    with pytest.raises(ValueError, match="larger probe batch"):
+        split_batch(y, 0, 8)

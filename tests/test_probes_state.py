@@ -10,12 +10,7 @@ from spectral_dist.probes import BACKENDS, CurvatureProbe, make_hvp, preserve_tr
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained():

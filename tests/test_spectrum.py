@@ -9,14 +9,7 @@ from torch import nn
 from spectral_dist.models import classification_loss, tiny_cnn, tiny_mlp
 from spectral_dist.probes.spectrum import HessianSpectrum, unflatten, weight_blocks
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 problems: intra-op threads only add contention on a shared CPU (35x slower at 2)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyAttention(nn.Module):

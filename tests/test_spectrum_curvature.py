@@ -7,13 +7,7 @@ from spectral_dist.models import classification_loss, tiny_mlp
 from spectral_dist.probes.curvature import CurvatureProbe
 from spectral_dist.probes.spectrum import unflatten
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup():

@@ -8,14 +8,7 @@ from torch.nn.parallel import DistributedDataParallel
 from spectral_dist.models import classification_loss, tiny_mlp
 from spectral_dist.probes.spectrum import HessianSpectrum
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 problems: intra-op threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _problem():

@@ -106,25 +106,13 @@ class RecipeDiagnostics:
             return None
         return layout if layout.distributed else None
 
-    def _share(self, batch, rank: int, world: int):
-        """This process's equal share of the probe batch (the remainder beyond a multiple of world dropped)."""
-
-        def cut(t):
-            per = t.shape[0] // world
-            if per == 0:
-                raise ValueError(f"probe_batch_size must be at least the number of processes ({world})")
-            return t[rank * per : (rank + 1) * per]
-
-        if isinstance(batch, (tuple, list)):
-            return type(batch)(cut(t) for t in batch)
-        return cut(batch)
-
     def probe(self):
         """Run the curvature probe; returns its report on the main process (None elsewhere).
 
         Collective with several processes: every process probes its share of the batch (or, for FSDP v1 and
         ZeRO-3, takes part in gathering the full weights)."""
         from spectral_dist.probes import CurvatureProbe
+        from spectral_dist.probes.sharding import split_batch
 
         cfg, acc = self.cfg, self.accelerator
         layers = self.matrix_names[: cfg.probe_layers] if cfg.probe_layers else self.matrix_names
@@ -144,7 +132,7 @@ class RecipeDiagnostics:
                 mode="eval",
                 seed=cfg.seed,
             )
-            report = probe.measure(self._share(self._batch(), acc.process_index, acc.num_processes))
+            report = probe.measure(split_batch(self._batch(), acc.process_index, acc.num_processes))
             return report if acc.is_main_process else None
         if self.sharded:
             full = acc.get_state_dict(self.model)  # collective; full weights on the main process

@@ -579,23 +579,6 @@ class SpectralDiagnosticsCallback(TrainerCallback):
             return None
         return layout if layout.distributed else None
 
-    def _share(self, batch, rank: int, world: int):
-        """This process's equal share of the probe batch (split along the batch dimension)."""
-
-        def cut(v):
-            if not torch.is_tensor(v) or v.ndim == 0:
-                return v
-            per = v.shape[0] // world
-            if per == 0:
-                raise ValueError(f"batch_size must be at least the number of processes ({world})")
-            return v[rank * per : (rank + 1) * per]
-
-        if isinstance(batch, Mapping):
-            return {k: cut(v) for k, v in batch.items()}
-        if isinstance(batch, (tuple, list)):
-            return type(batch)(cut(v) for v in batch)
-        return cut(batch)
-
     def probe(self):
         """The curvature report on the main process (None elsewhere); collective with several processes.
 
@@ -603,6 +586,7 @@ class SpectralDiagnosticsCallback(TrainerCallback):
         process's on the whole batch; FSDP2 uses finite-difference HVPs). FSDP v1 and ZeRO-3: the full weights
         are gathered into a copy on the main process and probed there."""
         from ..probes import CurvatureProbe
+        from ..probes.sharding import split_batch
 
         t = self.trainer
         acc = t.accelerator
@@ -620,7 +604,7 @@ class SpectralDiagnosticsCallback(TrainerCallback):
                 layers=names,
                 seed=self.seed,
             )
-            batch = self._share(self._to_device(self.batch, acc.device), acc.process_index, acc.num_processes)
+            batch = split_batch(self._to_device(self.batch, acc.device), acc.process_index, acc.num_processes)
             report = probe.measure(batch)
             return report if acc.is_main_process else None
         if self._sharded():

@@ -36,7 +36,7 @@ from torch import nn
 from ..distributed.engine import _is_dtensor, _local_rows
 from .lanczos import VectorSpace
 
-__all__ = ["ProbeLayout", "KINDS"]
+__all__ = ["ProbeLayout", "KINDS", "split_batch", "reshard"]
 
 KINDS = ("local", "replicated", "sharded")
 
@@ -247,3 +247,27 @@ def reshard(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+
+
+def split_batch(batch, rank: int, world_size: int):
+    """Rank ``rank``'s equal share of a batch along dim 0 (the remainder beyond a multiple of world_size is
+    dropped), for a tensor, a tuple/list of tensors or a mapping (a collated Hugging Face batch); other values
+    pass through. Distributed probes on these shares equal one process on the whole (kept) batch."""
+    from collections.abc import Mapping
+
+    def cut(v):
+        if not torch.is_tensor(v) or v.ndim == 0:
+            return v
+        per = v.shape[0] // world_size
+        if per == 0:
+            raise ValueError(
+                f"a batch of {v.shape[0]} cannot give each of {world_size} processes a sample: use a larger "
+                "probe batch"
+            )
+        return v[rank * per : (rank + 1) * per]
+
+    if isinstance(batch, Mapping):
+        return {k: cut(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(cut(v) for v in batch)
+    return cut(batch)
