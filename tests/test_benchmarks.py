@@ -129,3 +129,25 @@ def test_run_all_commands_and_one_script(tmp_path, capfd):
     assert run_all.main(["--quick", "--only", "step_overhead", "--out_dir", str(tmp_path)]) == 0
     out = capfd.readouterr().out
     assert "=== step_overhead: exit 0" in out and "| sn_gram |" in out
+
+
+@pytest.mark.slow
+def test_distributed_probe_quick():
+    """The distributed-probe benchmark (a script: its workers are spawned from it) runs 1 rank, DDP and FSDP2,
+    and all three measure the same curvature."""
+    import subprocess
+
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "distributed_probe.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [
+        line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line
+    ]
+    rows = [[c.strip() for c in row] for row in rows[1:]]  # skip the header
+    assert [(row[0], row[1]) for row in rows] == [("local", "1"), ("ddp", "2"), ("fsdp2", "2")]
+    h0 = [float(row[-1]) for row in rows]
+    assert all(abs(h - h0[0]) <= 1e-3 * abs(h0[0]) + 1e-6 for h in h0), h0
