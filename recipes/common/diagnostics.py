@@ -89,61 +89,34 @@ class RecipeDiagnostics:
         dev = self.accelerator.device
         return type(b)(t.to(dev) for t in b) if isinstance(b, (tuple, list)) else b.to(dev)
 
-    def _in_place_layout(self):
-        """The ProbeLayout for probing the prepared model where it is, or None (one process, or a sharding
-        the probe cannot perturb: FSDP v1, ZeRO-3)."""
-        from spectral_dist.probes.sharding import ProbeLayout
-
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            return None
-        if acc.distributed_type == DistributedType.FSDP:
-            if getattr(acc.state.fsdp_plugin, "fsdp_version", 1) != 2:
-                return None
-        try:
-            layout = ProbeLayout.detect(self.model)
-        except ValueError:  # ZeRO-3
-            return None
-        return layout if layout.distributed else None
-
     def probe(self):
         """Run the curvature probe; returns its report on the main process (None elsewhere).
 
         Collective with several processes: every process probes its share of the batch (or, for FSDP v1 and
         ZeRO-3, takes part in gathering the full weights)."""
         from spectral_dist.probes import CurvatureProbe
-        from spectral_dist.probes.sharding import split_batch
+        from spectral_dist.probes.sharding import in_place_layout, split_batch
 
         cfg, acc = self.cfg, self.accelerator
         layers = self.matrix_names[: cfg.probe_layers] if cfg.probe_layers else self.matrix_names
         hvp = cfg.probe_hvp if cfg.probe_hvp != "auto" else "autograd"
-        layout = self._in_place_layout()
-        if layout is not None:
+        layout = in_place_layout(self.model)
+        if layout is not None:  # every process probes its share of the batch
             if layout.kind == "sharded":
                 hvp = "fd"  # FSDP2: gradients through its own backward; no double backward
-            names = self._tracked_names(dict(layout.module.named_parameters()))
-            names = names[: cfg.probe_layers] if cfg.probe_layers else names
-            probe = CurvatureProbe(
-                self.model,
-                self.task.loss_fn,
-                top_k=cfg.probe_top_k,
-                hvp=hvp,
-                layers=names,
-                mode="eval",
-                seed=cfg.seed,
-            )
-            report = probe.measure(split_batch(self._batch(), acc.process_index, acc.num_processes))
-            return report if acc.is_main_process else None
-        if self.sharded:
+            layers = self._tracked_names(dict(layout.module.named_parameters()))
+            layers = layers[: cfg.probe_layers] if cfg.probe_layers else layers
+            target, batch = self.model, split_batch(self._batch(), acc.process_index, acc.num_processes)
+        elif self.sharded:  # FSDP v1, ZeRO-3: a full copy on the main process
             full = acc.get_state_dict(self.model)  # collective; full weights on the main process
-            target = None
+            target, batch = None, self._batch()
             if acc.is_main_process:
                 target = self.task.build_model(cfg).to(acc.device)
                 target.load_state_dict(full)
         else:
-            target = acc.unwrap_model(self.model)
+            target, batch = acc.unwrap_model(self.model), self._batch()
         report = None
-        if acc.is_main_process:
+        if layout is not None or acc.is_main_process:
             probe = CurvatureProbe(
                 target,
                 self.task.loss_fn,
@@ -153,9 +126,10 @@ class RecipeDiagnostics:
                 mode="eval",
                 seed=cfg.seed,
             )
-            report = probe.measure(self._batch())
-        acc.wait_for_everyone()
-        return report
+            report = probe.measure(batch)
+        if layout is None:
+            acc.wait_for_everyone()
+        return report if acc.is_main_process else None
 
     def curvature_metrics(self, report) -> dict:
         return curvature_metrics(report, keep_nan=True)  # NaN fits logged: every layer has every key

@@ -565,20 +565,6 @@ class SpectralDiagnosticsCallback(TrainerCallback):
             return type(batch)(v.to(device) if torch.is_tensor(v) else v for v in batch)
         return batch.to(device)
 
-    def _in_place_layout(self):
-        """The ProbeLayout for probing the Trainer's (wrapped) model where it is, distributed, or None (one
-        process, FSDP v1, ZeRO-3: the probe cannot perturb flat partitions)."""
-        from ..probes.sharding import ProbeLayout
-
-        t = self.trainer
-        if t.accelerator.num_processes == 1:
-            return None
-        try:
-            layout = ProbeLayout.detect(t.model_wrapped)
-        except ValueError:  # ZeRO-3
-            return None
-        return layout if layout.distributed else None
-
     def probe(self):
         """The curvature report on the main process (None elsewhere); collective with several processes.
 
@@ -586,28 +572,20 @@ class SpectralDiagnosticsCallback(TrainerCallback):
         process's on the whole batch; FSDP2 uses finite-difference HVPs). FSDP v1 and ZeRO-3: the full weights
         are gathered into a copy on the main process and probed there."""
         from ..probes import CurvatureProbe
-        from ..probes.sharding import split_batch
+        from ..probes.sharding import in_place_layout, split_batch
 
         t = self.trainer
         acc = t.accelerator
-        layout = self._in_place_layout()
-        if layout is not None:
+        batch, hvp = self._to_device(self.batch, acc.device), self.hvp
+        layout = in_place_layout(t.model_wrapped)
+        if layout is not None:  # every process probes its share of the batch
             named = dict(layout.module.named_parameters())
-            names = []
+            layers = []
             for n in self.probe_layers or self._matrix_names(layout.module):
-                names.append(next((k for k in named if k == n or k.endswith("." + n)), n))
-            probe = CurvatureProbe(
-                t.model_wrapped,
-                self.loss_fn,
-                top_k=self.top_k,
-                hvp="fd" if layout.kind == "sharded" else self.hvp,
-                layers=names,
-                seed=self.seed,
-            )
-            batch = split_batch(self._to_device(self.batch, acc.device), acc.process_index, acc.num_processes)
-            report = probe.measure(batch)
-            return report if acc.is_main_process else None
-        if self._sharded():
+                layers.append(next((k for k in named if k == n or k.endswith("." + n)), n))
+            hvp = "fd" if layout.kind == "sharded" else hvp
+            target, batch = t.model_wrapped, split_batch(batch, acc.process_index, acc.num_processes)
+        elif self._sharded():
             full = acc.get_state_dict(t.model_wrapped)  # collective; full weights on the main process
             target = None
             if acc.is_main_process:
@@ -622,14 +600,19 @@ class SpectralDiagnosticsCallback(TrainerCallback):
         else:
             target = self._base_model()
         report = None
-        if acc.is_main_process:
-            if self.probe_layers is None:
+        if layout is not None or acc.is_main_process:
+            if layout is None and self.probe_layers is None:
                 self.probe_layers = self._matrix_names(target)
             probe = CurvatureProbe(
-                target, self.loss_fn, top_k=self.top_k, hvp=self.hvp, layers=self.probe_layers, seed=self.seed
+                target,
+                self.loss_fn,
+                top_k=self.top_k,
+                hvp=hvp,
+                layers=layers if layout is not None else self.probe_layers,
+                seed=self.seed,
             )
-            report = probe.measure(self._to_device(self.batch, acc.device))
-        return report
+            report = probe.measure(batch)
+        return report if acc.is_main_process else None
 
     def log_now(self, step: int) -> dict[str, float]:
         """Measure and log now (collective: call on every process). Returns the metrics of this process."""

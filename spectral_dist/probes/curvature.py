@@ -506,10 +506,7 @@ class CurvatureProbe:
 
     def _total(self, partial: list[torch.Tensor]) -> list[torch.Tensor]:
         """Sum per-rank partial inner products over ranks (FSDP2 shards) with one all-reduce."""
-        if self.layout.kind != "sharded":
-            return partial
-        flat = self.layout.mean_flat([t.double() for t in partial])  # mean * world = sum
-        return [t * self.layout.world_size for t in flat]
+        return self.layout.sum_flat(partial)
 
     def _per_layer(self, hvp, dirs) -> list[torch.Tensor]:
         L = len(dirs)

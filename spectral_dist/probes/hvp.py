@@ -65,7 +65,8 @@ def default_fd_eps(params: Sequence[torch.Tensor]) -> float:
     return float(torch.finfo(params[0].dtype).eps) ** (1.0 / 3.0)
 
 
-def _grad(model, loss_fn, batch, params) -> list[torch.Tensor]:
+def local_grads(model, loss_fn, batch, params) -> list[torch.Tensor]:
+    """``torch.autograd.grad`` of this process's loss (zeros for unused parameters; ``.grad`` untouched)."""
     loss = loss_fn(model, batch)
     gs = torch.autograd.grad(loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, gs)]
@@ -121,7 +122,7 @@ class HVP:
         self.backend = backend
         self.fd_eps = fd_eps
         if grad_fn is None:
-            grad_fn = layout.grads if layout is not None and layout.kind == "sharded" else _grad
+            grad_fn = layout.grads if layout is not None and layout.kind == "sharded" else local_grads
         self.grad_fn = grad_fn
         # the tensors v and H v are shaped like: this rank's shards under FSDP2, else the parameters
         self.local = [p if layout is None else layout.local(p) for p in params]

@@ -34,9 +34,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..distributed.engine import _is_dtensor, _local_rows
+from .hvp import local_grads
 from .lanczos import VectorSpace
 
-__all__ = ["ProbeLayout", "KINDS", "split_batch", "reshard"]
+__all__ = ["ProbeLayout", "KINDS", "in_place_layout", "split_batch", "reshard"]
 
 KINDS = ("local", "replicated", "sharded")
 
@@ -188,14 +189,14 @@ class ProbeLayout:
         """Average a list of tensors over ranks with one all-reduce (replicated products and gradients)."""
         if self.kind == "local" or not tensors:
             return tensors
-        dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
-        dev = flat.device
-        flat = self.mean(flat.to(_comm_device(self.group))).to(dev)
-        out = []
-        for t, piece in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
-            out.append(piece.view(t.shape).to(t.dtype))
-        return out
+        return _reduce_flat(tensors, self.mean)
+
+    def sum_flat(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sum a list of partial results computed on shards over ranks with one all-reduce (identity unless
+        sharded)."""
+        if self.kind != "sharded" or not tensors:
+            return tensors
+        return _reduce_flat(tensors, self.sum)
 
     # ------------------------------------------------------------------ gradients
     def grads(self, model: nn.Module, loss_fn, batch, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -206,9 +207,7 @@ class ProbeLayout:
         over ranks; ``.grad`` of every parameter is left None (the probes restore it afterwards).
         """
         if self.kind != "sharded":
-            loss = loss_fn(model, batch)
-            gs = torch.autograd.grad(loss, list(params), allow_unused=True)
-            return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, gs)]
+            return local_grads(model, loss_fn, batch, params)
         return self.backward_grads(model, loss_fn(model, batch), params)
 
     def backward_grads(self, model: nn.Module, loss: torch.Tensor, params) -> list[torch.Tensor]:
@@ -224,6 +223,29 @@ class ProbeLayout:
         for p in everything:
             p.grad = None
         return out
+
+
+def _reduce_flat(tensors: list[torch.Tensor], reduce) -> list[torch.Tensor]:
+    """``reduce`` (an all-reduce of one flat tensor) applied to a list of tensors in one collective."""
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    flat = reduce(torch.cat([t.reshape(-1).to(dtype) for t in tensors]))
+    return [
+        piece.view(t.shape).to(t.dtype)
+        for t, piece in zip(tensors, torch.split(flat, [t.numel() for t in tensors]))
+    ]
+
+
+def in_place_layout(model: nn.Module) -> ProbeLayout | None:
+    """The layout for probing ``model`` where it is, distributed over the ranks, or None: in one process, and
+    where the probe cannot perturb the parameters (ZeRO-3's flat partitions; FSDP v1's flat parameters,
+    which read as a plain module), so the caller probes a gathered copy instead."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    try:
+        layout = ProbeLayout.detect(model)
+    except ValueError:  # ZeRO-3
+        return None
+    return layout if layout.distributed else None
 
 
 def _comm_device(group) -> torch.device:
