@@ -431,14 +431,19 @@ def _stage12_entries(zopt):
         metas = zopt.round_robin_bit16_meta[i]
         entries = []
         for p, off, meta in zip(params, offsets, metas):
-            n = meta.numel()
-            per_rank = []
-            for r in range(world):
-                lo, hi = max(off, r * ps), min(off + n, (r + 1) * ps)
-                per_rank.append([(lo - r * ps, lo - off, hi - lo)] if hi > lo else [])
-            entries.append((p, per_rank))
+            entries.append((p, _rank_pieces(off, meta.numel(), ps, world)))
         out.append((zopt.single_partition_of_fp32_groups[i], i, entries, zopt.real_dp_process_group[i]))
     return out
+
+
+def _rank_pieces(off: int, n: int, ps: int, world: int) -> list[list[tuple[int, int, int]]]:
+    """For a parameter at flat offset ``off`` with ``n`` elements in a buffer cut into ``world`` partitions of
+    ``ps``: per rank, [(offset in the partition, offset in the parameter, length)] or [] if it holds none."""
+    per_rank = []
+    for r in range(world):
+        lo, hi = max(off, r * ps), min(off + n, (r + 1) * ps)
+        per_rank.append([(lo - r * ps, lo - off, hi - lo)] if hi > lo else [])
+    return per_rank
 
 
 def _bf16_entries(zopt):
@@ -449,13 +454,8 @@ def _bf16_entries(zopt):
         ps = zopt.bf16_groups_flat[i].numel() // world
         entries, off = [], 0
         for p in params:
-            n = p.numel()
-            per_rank = []
-            for r in range(world):
-                lo, hi = max(off, r * ps), min(off + n, (r + 1) * ps)
-                per_rank.append([(lo - r * ps, lo - off, hi - lo)] if hi > lo else [])
-            entries.append((p, per_rank))
-            off += n
+            entries.append((p, _rank_pieces(off, p.numel(), ps, world)))
+            off += p.numel()
         out.append((zopt.fp32_groups_flat_partition[i], i, entries, pg))
     return out
 
