@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from . import require_positive
+
 NAME = "probe"
 HELP = "Curvature exponents (alpha, gamma, s), K-FAC alignment and participation ratio of each weight matrix."
 
@@ -126,9 +128,7 @@ def plot_loglog(report, path: Path, title: str = "") -> None:
 def run(args: argparse.Namespace) -> int:
     from ..probes import CurvatureProbe
 
-    for name in ("top_k", "samples", "batch_size", "threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    require_positive(args, "top_k", "samples", "batch_size", "threads")
     torch.set_num_threads(args.threads)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     model, loss, batch = load_model(args, dtype)

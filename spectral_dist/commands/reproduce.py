@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import require_positive
+
 NAME = "reproduce"
 HELP = (
     "Reproduce the curvature table (alpha by layer type, s vs alpha*gamma, participation ratio, K-FAC alpha) "
@@ -43,12 +45,8 @@ def setting_from_args(args: argparse.Namespace):
     from ..reproduce import ARCHITECTURES, Setting
 
     kw = dict(hvp=args.hvp, seed=args.seed, archs=tuple(args.archs or ARCHITECTURES))
-    for name in ("steps", "top_k", "width"):
-        v = getattr(args, name)
-        if v is not None:
-            if v < 1:
-                raise ValueError(f"--{name} must be >= 1, got {v}")
-            kw[name] = v
+    require_positive(args, "steps", "top_k", "width")
+    kw.update({n: getattr(args, n) for n in ("steps", "top_k", "width") if getattr(args, n) is not None})
     if args.checkpoints is not None:
         if not args.checkpoints or not all(0 < c <= 1 for c in args.checkpoints):
             raise ValueError(f"--checkpoints must be fractions in (0, 1], got {args.checkpoints}")

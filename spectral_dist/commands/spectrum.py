@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from . import require_positive
+
 NAME = "spectrum"
 HELP = "Hessian spectrum (top eigenvalues, trace, density) of a built-in tiny model on a fixed batch."
 
@@ -113,10 +115,7 @@ def plot_densities(result, path: Path, title: str = "") -> None:
 def run(args: argparse.Namespace) -> int:
     from ..probes.spectrum import HessianSpectrum
 
-    if args.top_k < 1:
-        raise ValueError(f"--top_k must be >= 1, got {args.top_k}")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    require_positive(args, "top_k", "threads")
     torch.set_num_threads(args.threads)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     model, loss, batch = build(args.model, args.batch_size, args.seed, dtype)
