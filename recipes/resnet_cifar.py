@@ -24,9 +24,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common.config import TrainConfig, parse_config  # noqa: E402
-from common.data import cifar10_images, collate_images, digits_images  # noqa: E402
-from common.tasks import classification_eval, classification_loss_fn, classification_metrics  # noqa: E402
-from common.train import Task, train  # noqa: E402
+from common.data import cifar10_images, digits_images  # noqa: E402
+from common.tasks import classification_task  # noqa: E402
+from common.train import train  # noqa: E402
 
 
 @dataclass
@@ -87,16 +87,12 @@ def main(argv=None):
         train_data, val_data = cifar10_images(cfg.data_dir, seed=cfg.seed)
     else:
         train_data, val_data = digits_images(size=32, seed=cfg.seed)
-    task = Task(
-        name="resnet_cifar",
-        build_model=lambda c: ResNet(c.width, c.stages, c.blocks, train_data.num_classes),
-        train_data=train_data,
-        val_data=val_data,
-        collate=collate_images,
-        loss_fn=classification_loss_fn(cfg.label_smoothing),
-        eval_fn=classification_eval,
-        eval_metrics=classification_metrics,
-        main_metric="val/acc",
+    task = classification_task(
+        "resnet_cifar",
+        lambda c: ResNet(c.width, c.stages, c.blocks, train_data.num_classes),
+        train_data,
+        val_data,
+        cfg.label_smoothing,
     )
     return train(cfg, task)
 

@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common.config import TrainConfig, parse_config  # noqa: E402
-from common.data import collate_images, digits_images, load_image_data  # noqa: E402
-from common.tasks import classification_eval, classification_loss_fn, classification_metrics  # noqa: E402
-from common.train import Task, train  # noqa: E402
+from common.data import digits_images, load_image_data  # noqa: E402
+from common.tasks import classification_task  # noqa: E402
+from common.train import train  # noqa: E402
 
 VIT_SIZES = {  # hidden, layers, heads, patch (MLP 4x hidden)
     "vit_s16": (384, 12, 6, 16),
@@ -89,16 +89,12 @@ def main(argv=None):
         train_data, val_data = load_image_data(cfg.data_dir, cfg.dataset, cfg.image_size, seed=cfg.seed)
     else:
         train_data, val_data = digits_images(size=cfg.image_size, seed=cfg.seed)
-    task = Task(
-        name="vit_imagenet",
-        build_model=lambda c: build_model(c, train_data.num_classes),
-        train_data=train_data,
-        val_data=val_data,
-        collate=collate_images,
-        loss_fn=classification_loss_fn(cfg.label_smoothing),
-        eval_fn=classification_eval,
-        eval_metrics=classification_metrics,
-        main_metric="val/acc",
+    task = classification_task(
+        "vit_imagenet",
+        lambda c: build_model(c, train_data.num_classes),
+        train_data,
+        val_data,
+        cfg.label_smoothing,
     )
     return train(cfg, task)
 

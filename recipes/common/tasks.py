@@ -1,10 +1,19 @@
-"""Loss and evaluation functions shared by the image recipes."""
+"""Loss and evaluation functions shared by the image recipes, and their task."""
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 
-__all__ = ["logits_of", "classification_loss_fn", "classification_eval", "classification_metrics"]
+from .data import collate_images
+from .train import Task
+
+__all__ = [
+    "logits_of",
+    "classification_loss_fn",
+    "classification_eval",
+    "classification_metrics",
+    "classification_task",
+]
 
 
 def logits_of(out):
@@ -33,3 +42,18 @@ def classification_eval(model, batch, mask):
 def classification_metrics(sums):
     n = max(sums["count"], 1.0)
     return {"val/loss": sums["loss_sum"] / n, "val/acc": sums["correct"] / n}
+
+
+def classification_task(name: str, build_model, train_data, val_data, label_smoothing: float = 0.0) -> Task:
+    """The image-classification :class:`Task` of the ViT and ResNet recipes (val/acc is the main metric)."""
+    return Task(
+        name=name,
+        build_model=build_model,
+        train_data=train_data,
+        val_data=val_data,
+        collate=collate_images,
+        loss_fn=classification_loss_fn(label_smoothing),
+        eval_fn=classification_eval,
+        eval_metrics=classification_metrics,
+        main_metric="val/acc",
+    )
