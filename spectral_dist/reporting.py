@@ -261,6 +261,13 @@ def plot_curves(runs: list[Run], metric: str, path: Path, title: str = "") -> Pa
     ax.set_ylabel(metric)
     ax.set_title(title or metric, fontsize=9)
     ax.legend(fontsize=7)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,12 +291,7 @@ def plot_best(summary: pd.DataFrame, metric: str, path: Path) -> Path:
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel(f"best {metric}")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def build_report(
