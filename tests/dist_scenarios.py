@@ -115,6 +115,8 @@ def equality_worker(rank, world, scenarios):
 
     Returns per scenario: (max relative error, worst parameter, state bytes on this rank, ownership check).
     """
+    from torch.distributed.tensor import DTensor
+
     from spectral_dist.distributed.engine import DistributedEngine, state_bytes
 
     results = []
@@ -122,25 +124,29 @@ def equality_worker(rank, world, scenarios):
         model = make_model()
         wrapped, inner = wrap(model, mode)
         opt = make_opt(inner, **opts)
-        assert isinstance(opt._engine, DistributedEngine), type(opt._engine)
         train_steps(wrapped, opt, STEPS, rank, world)
+        assert isinstance(opt._engine, DistributedEngine), type(opt._engine)
         got = full_params(inner)
-        # momentum and basis live on the owner only
-        owner_ok = True
-        for name, p, g in opt.named_params():
-            if not opt.is_matrix(p, g):
-                continue
+        # every rank holds the state of every stepped parameter, in the parameter's own layout
+        layout_ok = True
+        for _name, p, g in opt.named_params():
             st = opt.state.get(p, {})
-            has = "momentum_buffer" in st
-            should = opt._engine.owner_of(name) == rank and p.requires_grad and not name.startswith("unused")
-            if has != should:
-                owner_ok = False
-            if opts.get("basis") == "tracked" and should and "basis" not in st.get("tracked", {}):
-                owner_ok = False
+            stepped = p.requires_grad  # every trainable parameter, gradient or not (same keys everywhere)
+            key = "momentum_buffer" if opt.is_matrix(p, g) else "exp_avg"
+            if (key in st) != stepped:
+                layout_ok = False
+            if key in st:
+                buf = st[key]
+                if isinstance(p, DTensor) != isinstance(buf, DTensor) or tuple(buf.shape) != tuple(p.shape):
+                    layout_ok = False
+                if isinstance(p, DTensor) and buf.to_local().shape != p.to_local().shape:
+                    layout_ok = False
+            if opts.get("basis") == "tracked" and opt.is_matrix(p, g) and stepped:
+                layout_ok &= "basis" in st.get("tracked", {})
         err = (None, None)
         if rank == 0:
             err = max_rel_err(got, reference_params(**opts))
-        results.append((err[0], err[1], state_bytes(opt), owner_ok))
+        results.append((err[0], err[1], state_bytes(opt), layout_ok))
         dist.barrier()
     return results
 
@@ -183,11 +189,15 @@ def errors_worker(rank, world):
     out = {}
     model = make_model()
     named = [(n, p) for n, p in model.named_parameters() if not (rank == 1 and n == "fc2.weight")]
+    x, y = batch(0)
     try:
-        SpectralNewton(named, lr=0.01)
+        opt = SpectralNewton(named, lr=0.01)  # construction is never collective: the check runs at step()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
         out["missing"] = None
     except Exception as e:
         out["missing"] = f"{type(e).__name__}: {e}"
+    model.zero_grad()
 
     # rank 1 computes another owner plan (as a nondeterministic planner would): the hash check catches it
     import spectral_dist.distributed.engine as engine_mod
@@ -202,15 +212,17 @@ def errors_worker(rank, world):
     if rank == 1:
         engine_mod.build_plan = skewed
     try:
-        make_opt(model)
+        opt = make_opt(model)
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
         out["plan_hash"] = None
     except Exception as e:
         out["plan_hash"] = f"{type(e).__name__}: {e}"
     finally:
         engine_mod.build_plan = real_build_plan
+    model.zero_grad()
 
     opt = make_opt(model)
-    x, y = batch(0)
     nn.functional.mse_loss(model(x), y).backward()
     if rank == 1:
         model.fc2.weight.grad = None
@@ -227,7 +239,7 @@ def errors_worker(rank, world):
 
     sub = dist.new_group(timeout=datetime.timedelta(seconds=4))
     opt = make_opt(model)
-    opt._engine = DistributedEngine(opt, group=sub)
+    opt._engine = DistributedEngine(group=sub)
     nn.functional.mse_loss(model(x), y).backward()
     if rank == 0:
         t = time.time()
@@ -292,7 +304,7 @@ def shard_local_worker(rank, world):
     train_steps(wrapped, opt, STEPS, rank, world)
     got = full_params(inner)
     shapes = {
-        n: tuple(opt.state[p]["momentum_buffer"].shape)
+        n: tuple(opt.state[p]["momentum_buffer"].to_local().shape)
         for n, p, _ in opt.named_params()
         if "momentum_buffer" in opt.state.get(p, {})
     }

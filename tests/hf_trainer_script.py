@@ -154,7 +154,7 @@ def _zero_info(trainer, opt) -> dict | None:
             wrapper = type(o).__name__
             break
         o = getattr(o, "optimizer", None)
-    return {"wrapper": wrapper, "world": layout.world, "owners": dict(layout.plan.owners)}
+    return {"wrapper": wrapper, "world": layout.world, "owners": dict(opt._engine.plan.owners)}
 
 
 def main(
@@ -210,6 +210,7 @@ def main(
             "distributed_type": str(trainer.accelerator.distributed_type),
             "model_class": type(trainer.model).__name__,
             "engine": type(opt._engine).__name__,
+            "owners": dict(opt._engine.plan.owners) if getattr(opt._engine, "plan", None) else {},
             "optimizer": type(opt).__name__,
             "zero": _zero_info(trainer, opt),
             "groups": [

@@ -142,7 +142,7 @@ def worker(out_dir: str) -> None:
         wrapper = type(engine.optimizer).__name__
         losses = _train(engine, range(STEPS), rank, torch.bfloat16)
         opt = engine.basic_optimizer
-        moms = [st["momentum_buffer"].dtype for st in opt.state.values() if "momentum_buffer" in st]
+        moms = [st["exp_avg"].dtype for st in opt.state.values() if "exp_avg" in st]
         owned = [None] * WORLD
         dist.all_gather_object(owned, [str(d) for d in moms])
         out[name] = dict(losses=losses, final=_full_params(engine), moms=owned, wrapper=wrapper)
@@ -267,10 +267,11 @@ def test_matrix_step_is_not_sgd(results, stage):
     assert (s.max() / s.min()).item() < 1.01, s
     g = torch.linalg.svdvals(first_gradient("fc2.weight").double())[:k]
     assert (g.max() / g.min()).item() > 2, g
-    # momentum and bases live on owners only: each matrix is counted on exactly one rank
-    owned = [k for st in r["stats"] for k, v in st.items() if v["kind"] == "spectral"]
-    assert sorted(owned) == sorted(["conv.weight", "fc1.weight", "fc2.weight"])
-    assert all(st[k]["steps"] == STEPS for st in r["stats"] for k in st if k in owned)
+    # every rank keeps the same per-parameter counters (decisions are taken together)
+    spectral = sorted(k for k, v in r["stats"][0].items() if v["kind"] == "spectral")
+    assert spectral == sorted(["conv.weight", "fc1.weight", "fc2.weight"])
+    assert all(st == r["stats"][0] for st in r["stats"])
+    assert all(r["stats"][0][k]["steps"] == STEPS for k in r["stats"][0])
 
 
 @pytest.mark.slow
@@ -287,7 +288,7 @@ def test_bf16_runs_with_fp32_matrix_step(results, ref, name, stage, extra, wrapp
     r = results[name]
     assert r["wrapper"] == wrapper
     assert all(torch.isfinite(torch.tensor(r["losses"])))
-    assert sorted(d for rank in r["moms"] for d in rank) == ["torch.float32"] * 3
+    assert all(rank and all(d == "torch.float32" for d in rank) for rank in r["moms"]), r["moms"]
     for pname, want in ref[-1].items():  # bf16 weights and activations: close to the fp32 run, not equal
         assert _rel(r["final"][pname], want) < 0.05, (name, pname)
 

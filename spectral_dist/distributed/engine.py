@@ -1,71 +1,447 @@
-"""DistributedEngine: each matrix is preconditioned on one owner rank, which keeps its momentum and basis.
+"""The one engine behind every SpectralNewton step: one process, DDP, FSDP2 (any DTensor placement) and ZeRO.
 
-``SpectralNewton`` picks this engine by itself when a process group with more than one rank is initialised
-(see :func:`spectral_dist.optim.engine.make_engine`). A step is:
+An engine only needs *slots*: for each parameter the optimizer steps, its key (FQN), its layout over the
+ranks (:mod:`.describe` for tensors and DTensors, the DeepSpeed integration for ZeRO's flat partitions) and
+accessors for this rank's local data, gradient and state buffers. A step is:
 
-1. one small ``all_gather`` of which matrices have a gradient on which rank (a gradient present on some
-   ranks but not others is an error naming the parameter; absent everywhere means no step for it);
-2. ``gather_to_owners``: one ``all_to_all_single`` assembling each matrix's full gradient on its owner
-   (none at all for DDP-replicated parameters, whose gradient is already all-reduced on every rank);
-3. ``opt.matrix_direction`` on the owned matrices (momentum, basis, direction);
-4. ``scatter_from_owners``: one ``all_to_all_single`` returning each rank its slices of the direction, or a
-   skip flag; 5. ``opt.apply_matrix_update`` on the local slices.
+1. **Agreement** (one ``all_reduce`` and the step's one host sync): per parameter, how many holders have a
+   gradient and whether any holder's gradient is non-finite. Every rank then takes the same decisions: skip a
+   parameter whose gradient is non-finite anywhere (also a shard of a vector), raise when a gradient is
+   missing on some holders, raise ``NonFiniteGradientError`` after too many skips in a row.
+2. **Momentum**, elementwise on each rank's own elements (momentum lives sharded like the parameter, so every
+   rank's state dict has the parameter's own layout: DCP, accelerate and DeepSpeed checkpoints just work).
+3. ``gather_to_owners``: the momentum-blended matrix M goes to its owner (LPT plan), each piece once.
+4. The owner computes the direction (batched by shape, :func:`~spectral_dist.optim.matrix_step.owner_directions`).
+5. ``scatter_from_owners``: every rank receives a status header for every matrix, its pieces of the
+   direction and, for tracked bases, the new basis (kept on every rank so any rank's state is complete).
+6. Every rank applies its pieces (weight decay, lr from the *live* param group), updates the counters from
+   the header (identical everywhere) and raises together when a status says so. AdamW runs elementwise on
+   the vectors' local elements.
 
-Layouts: a plain tensor is replicated (DDP, or no wrapper); a DTensor whose placements are ``Shard(0)`` or
-``Replicate`` (FSDP2's ``fully_shard``, HSDP) holds a contiguous row block, computed by DTensor's own
-``compute_local_shape_and_global_offset``, so uneven and empty shards are handled exactly as FSDP2 made them.
-The result equals the single-process step on the same global batch up to float round-off, for any world
-size, and the optimizer state of the matrices is split across ranks by the cost-balanced owner plan.
+Engine choice (:func:`make_engine`), taken at the first step, never at construction (building an optimizer
+is never collective, so one built on a single rank cannot hang): ``distributed=False`` or no initialised
+process group: one process. ``distributed="auto"`` (default) with a process group of more than one rank:
+owner-sharded over it; every rank must then call ``step()``. An optimizer stepped on one rank only (an EMA
+copy, an eval helper) must say ``distributed=False``. A ``ProcessGroup`` selects that group.
+
+:class:`ShardLocalEngine` is an opt-in approximation that preconditions each rank's own block.
 """
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
+from ..optim import matrix_step as ms
+from .describe import describe, is_dtensor, local_tensor
 from .exchange import ExchangeError, _names, comm_device, gather_to_owners, scatter_from_owners
 from .layout import MatrixLayout, Plan, build_plan
 
-__all__ = ["DistributedEngine", "PlanMismatchError", "ShardLocalEngine", "local_tensor", "state_bytes"]
+__all__ = [
+    "DistributedEngine",
+    "LocalEngine",
+    "OwnerEngine",
+    "ParamSlot",
+    "PlanMismatchError",
+    "ShardLocalEngine",
+    "local_tensor",
+    "make_engine",
+    "state_bytes",
+]
+
+HEADER = 3  # status, retries, refreshes
 
 
 class PlanMismatchError(RuntimeError):
-    """Ranks disagree about the matrices to optimise (a parameter missing on one rank, another shape)."""
+    """Ranks disagree about the parameters to optimise (a parameter missing on one rank, another shape)."""
 
 
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return False
-    return isinstance(t, DTensor)
+# ---------------------------------------------------------------------------------------------- slots
+class ParamSlot:
+    """A parameter as the engine sees it: key, group index (the group dict is looked up live every step),
+    kind ("matrix" or "vector"), its matrix view shape, its layout, and accessors to this rank's elements."""
+
+    __slots__ = ("opt", "key", "gi", "param", "kind", "mshape", "layout")
+
+    def __init__(self, opt, key: str, gi: int, param: torch.Tensor, kind: str, layout: MatrixLayout):
+        self.opt, self.key, self.gi, self.param, self.kind, self.layout = opt, key, gi, param, kind, layout
+        shape = tuple(layout.shape)
+        self.mshape = (shape[0], layout.numel // max(1, shape[0])) if len(shape) >= 2 else (layout.numel,)
+
+    @property
+    def group(self) -> dict:
+        return self.opt.param_groups[self.gi]
+
+    def meta(self) -> dict:
+        """Per-parameter state that is not elementwise (counters, tracked basis, alpha estimate, steps)."""
+        return self.opt.state[self.param]
+
+    def local(self) -> torch.Tensor:
+        """This rank's part of the parameter (a tensor whose in-place updates reach the parameter)."""
+        return local_tensor(self.param)
+
+    def grad(self) -> torch.Tensor | None:
+        g = self.param.grad
+        return None if g is None else local_tensor(g).reshape(-1)
+
+    def buffer(self, name: str, dtype: torch.dtype, init: Callable | None = None) -> torch.Tensor:
+        """This rank's elements of an elementwise state buffer shaped (and sharded) like the parameter."""
+        st = self.opt.state[self.param]
+        b = st.get(name)
+        if b is None:
+            b = torch.zeros_like(self.param, dtype=dtype, memory_format=torch.contiguous_format)
+            if init is not None:
+                local_tensor(b).copy_(init(self.local()))
+            st[name] = b
+        return local_tensor(b).view(-1)
+
+    def apply(self, fn) -> None:
+        """Run ``fn(local flat view)`` and make sure the result lands in the parameter."""
+        lt = self.local()
+        if lt.is_contiguous():
+            fn(lt.view(-1))
+        else:  # e.g. channels_last: update a contiguous copy, write it back
+            flat = lt.contiguous().view(-1)
+            fn(flat)
+            lt.copy_(flat.view(lt.shape))
 
 
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The part of ``t`` this rank holds: the local shard of a DTensor (a view: in-place ops update it)."""
-    return t.to_local() if _is_dtensor(t) else t
+def _kind(opt, p, group) -> str:
+    return "matrix" if opt.is_matrix(p, group) else "vector"
 
 
-def _local_rows(name: str, p: torch.Tensor) -> tuple[int, int] | None:
-    """(first row, number of rows) this rank holds of a DTensor parameter, None for a plain tensor."""
-    if not _is_dtensor(p):
-        return None
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+# ---------------------------------------------------------------------------------------------- engine
+class OwnerEngine:
+    """Owner-sharded matrix step over a process group (``group=False``: one process, no collectives).
 
-    for pl in p.placements:
-        strided = type(pl).__name__ == "_StridedShard"  # FSDP2 over TP: rows interleaved, not a block
-        if strided or not (isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0)):
-            raise ValueError(
-                f"parameter {name!r} has placements {p.placements}; the exact distributed engine supports "
-                "Shard(0) and Replicate (fully_shard, HSDP)"
-            )
-    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    if tuple(shape[1:]) != tuple(p.shape[1:]):
-        raise ValueError(
-            f"parameter {name!r}: local shard {tuple(shape)} is not a row block of {tuple(p.shape)}"
+    See the module docstring for the step. Layouts are computed without communication; the plan is checked
+    across ranks (one small ``all_reduce`` of its hash) at the first step after it changes.
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self.local = group is False
+        self.rank = 0 if self.local else dist.get_rank(group)
+        self.world_size = 1 if self.local else dist.get_world_size(group)
+        self._group_ranks = None if self.local or group is None else dist.get_process_group_ranks(group)
+        self.plan: Plan | None = None
+        self._slots: list | None = None
+        self._signature = None
+        self._verified = self.local
+
+    # ------------------------------------------------------------------ slots and plan
+    def slots(self, opt) -> list:
+        """The slots of the optimizer's parameters (rebuilt when its parameters change)."""
+        sig = tuple(
+            (gi, id(p), bool(opt.is_matrix(p, g)))
+            for gi, g in enumerate(opt.param_groups)
+            for p in g["params"]
         )
-    return int(offset[0]) if shape[0] else 0, int(shape[0])
+        if sig != self._signature:
+            self._slots = self.build_slots(opt)
+            self._signature = sig
+            layouts = [s.layout for s in self._slots if s.kind == "matrix"]
+            self.plan = build_plan(layouts, self.world_size)
+            self._verified = self.local
+        return self._slots
+
+    def build_slots(self, opt) -> list:
+        out, seen = [], set()
+        for gi, g in enumerate(opt.param_groups):
+            names = g.get("param_names")
+            for i, p in enumerate(g["params"]):
+                key = names[i] if names is not None else f"group{gi}.param{i}"
+                if key in seen:
+                    raise ValueError(f"parameter names must be unique, {key!r} appears twice")
+                seen.add(key)
+                lay = describe(key, p, self.world_size, self._group_ranks)
+                out.append(ParamSlot(opt, key, gi, p, _kind(opt, p, g), lay))
+        return out
+
+    def owner_of(self, key: str) -> int:
+        return self.plan.owner(key)
+
+    def _verify(self, slots) -> None:
+        """All ranks must step the same parameters with the same layouts: compare a hash (collective)."""
+        h = zlib.crc32(repr([(s.key, s.kind, s.layout.describe()) for s in slots]).encode())
+        h = zlib.crc32(self.plan.hash.encode(), h)
+        mine = torch.tensor(
+            [float(h), float(len(slots))], dtype=torch.float64, device=comm_device(self.group)
+        )
+        both = torch.stack([mine, -mine])
+        self._all_reduce(
+            both, dist.ReduceOp.MIN, f"the check that every rank steps the same {len(slots)} parameters"
+        )
+        lo, hi = both[0].tolist(), (-both[1]).tolist()
+        if lo != hi:
+            everyone: list = [None] * self.world_size
+            dist.all_gather_object(
+                everyone, [(s.key, tuple(s.layout.shape)) for s in slots], group=self.group
+            )
+            mine_set = set(everyone[self.rank])
+            detail = []
+            for r, theirs in enumerate(everyone):
+                if r == self.rank:
+                    continue
+                only_here = sorted(k for k, _ in mine_set - set(theirs))[:5]
+                only_there = sorted(k for k, _ in set(theirs) - mine_set)[:5]
+                if only_here or only_there:
+                    detail.append(
+                        f"rank {r} lacks {only_here} and has {only_there} that rank {self.rank} lacks"
+                    )
+            raise PlanMismatchError(
+                "ranks step different parameters or layouts: "
+                + ("; ".join(detail) or "same names, different shapes, kinds or orders")
+                + ". Every rank must build the optimizer over the same parameters, in the same order"
+            )
+        self._verified = True
+
+    def _all_reduce(self, t, op, what: str) -> None:
+        try:
+            dist.all_reduce(t, op=op, group=self.group)
+        except Exception as e:  # a timeout here means some rank did not call step()
+            raise ExchangeError(
+                f"rank {self.rank}: {what} failed (did every rank call optimizer.step()? An optimizer used on "
+                f"one rank only needs SpectralNewton(..., distributed=False)): {e}"
+            ) from e
+
+    # ------------------------------------------------------------------ step
+    def step(self, opt) -> None:
+        slots = self.slots(opt)
+        if not self._verified:
+            self._verify(slots)
+        for s in slots:  # the same state keys on every rank and in every run, used parameters or not
+            if s.param.requires_grad:
+                opt.init_state(s)
+        grads = [s.grad() for s in slots]
+        decisions = self._agree(slots, grads)
+        errors: list[BaseException] = []
+        mats = [s for s, d in zip(slots, decisions) if d == "step" and s.kind == "matrix"]
+        vecs = [(s, g) for s, g, d in zip(slots, grads, decisions) if d == "step" and s.kind == "vector"]
+        for s, d in zip(slots, decisions):
+            if d == "skip":
+                err = opt.note_skip(s.meta(), s.key)
+                if err is not None:
+                    errors.append(err)
+        grad_of = {s.key: g for s, g in zip(slots, grads)}
+        if mats:
+            errors.extend(self._matrix_step(opt, mats, grad_of))
+        for s, g in vecs:
+            opt.adamw_slot(s, g)
+        if errors:
+            raise errors[0]
+
+    def _agree(self, slots, grads) -> list[str]:
+        """Per slot "none" (no gradient anywhere), "skip" (non-finite somewhere) or "step"; identical on all
+        ranks. The one host sync of the step."""
+        n = len(slots)
+        if n == 0:
+            return []
+        device = comm_device(self.group) if not self.local else None
+        have = [g is not None for g in grads]
+        held = [s.layout.local_numel(self.rank) > 0 for s in slots]
+        present = [g for g in grads if g is not None and g.numel()]
+        bad = torch.zeros(
+            n,
+            dtype=torch.float32,
+            device=device if device is not None else (present[0].device if present else None),
+        )
+        if present:
+            norms = torch._foreach_norm(
+                [g.float() if g.dtype in (torch.float16, torch.bfloat16) else g for g in present],
+                float("inf"),
+            )
+            flags = (~torch.isfinite(torch.stack([x.float() for x in norms]))).float()
+            idx = torch.tensor(
+                [i for i, g in enumerate(grads) if g is not None and g.numel()], device=flags.device
+            )
+            bad = bad.to(flags.device).index_copy(0, idx, flags)
+        counts = torch.tensor(
+            [float(h and k) for h, k in zip(have, held)], dtype=torch.float32, device=bad.device
+        )
+        table = torch.cat([counts, bad])
+        if not self.local:
+            table = table.to(device)
+            self._all_reduce(table, dist.ReduceOp.SUM, f"the gradient agreement of {n} parameters")
+        vals = table.tolist()
+        out = []
+        problems = []
+        for i, s in enumerate(slots):
+            got, nonfinite = int(round(vals[i])), vals[n + i] > 0
+            holders = len(s.layout.holders()) if not self.local else 1
+            if got == 0:
+                out.append("none")
+            elif got != holders:
+                problems.append(s.key)
+                out.append("none")
+            else:
+                out.append("skip" if nonfinite else "step")
+        if problems:
+            raise RuntimeError(
+                f"parameter(s) {_names(problems)} have a gradient on some of the ranks that hold them but not "
+                "on others; every rank must run the same backward (or set unused gradients to zeros)"
+            )
+        return out
+
+    # ------------------------------------------------------------------ matrices
+    def _momentum(self, opt, slots, grad_of) -> dict[str, torch.Tensor]:
+        """Update each matrix's momentum on this rank's elements; return the local M to precondition."""
+        local = {}
+        for s in slots:
+            g = grad_of[s.key]
+            if g is None:  # holds nothing of it
+                continue
+            local[s.key] = opt.momentum_slot(s, g)
+        return local
+
+    def _owner_compute(self, opt, slots, full) -> dict[str, ms.DirectionResult]:
+        jobs = []
+        for s in slots:
+            if self.plan.owner(s.key) != self.rank:
+                continue
+            meta = s.meta()
+            jobs.append(
+                ms.DirectionJob(
+                    s.key,
+                    full[s.key].view(s.mshape),
+                    s.group,
+                    opt.resolve_alpha_meta(meta, s.group),
+                    meta.get("tracked"),
+                    opt.counters(meta)["consecutive_failures"],
+                )
+            )
+        return ms.owner_directions(jobs)
+
+    def _matrix_step(self, opt, slots, grad_of) -> list[BaseException]:
+        keys = [s.key for s in slots]
+        dtype = torch.float64 if any(s.param.dtype == torch.float64 for s in slots) else torch.float32
+        local = self._momentum(opt, slots, grad_of)
+        group = False if self.local else self.group
+        full = gather_to_owners(self.plan, local, group, keys=keys, dtype=dtype)
+        results = self._owner_compute(opt, slots, full)
+        payload, extra_sizes = {}, {}
+        by_key = {s.key: s for s in slots}
+        for s in slots:
+            if s.group["basis"] == "tracked":
+                extra_sizes[s.key] = s.mshape[1] * ms.tracked_rank(s.mshape, s.group)
+        for k, r in results.items():
+            h = torch.tensor([float(r.status), float(r.retries), float(r.refreshes)], dtype=dtype)
+            D = r.D.reshape(-1) if r.D is not None and r.status in (ms.OK, ms.FALLBACK) else None
+            basis = r.basis if (r.status == ms.OK and k in extra_sizes) else None
+            if basis is not None and basis.numel() != extra_sizes[k]:
+                raise RuntimeError(
+                    f"tracked basis of {k!r} has {basis.numel()} numbers, expected {extra_sizes[k]}"
+                )
+            payload[k] = (h, D, basis)
+        got = scatter_from_owners(
+            self.plan, payload, group, keys=keys, header_size=HEADER, extra_sizes=extra_sizes, dtype=dtype
+        )
+        headers = (
+            torch.stack([got[k][0].reshape(-1).to("cpu", torch.float64) for k in keys]).tolist()
+            if keys
+            else []
+        )
+        errors = []
+        for k, (status, retries, refreshes) in zip(keys, headers):
+            s = by_key[k]
+            _, D, extra = got[k]
+            status = int(status)
+            err = opt.finish_matrix(
+                s,
+                status,
+                D,
+                extra,
+                int(retries),
+                int(refreshes),
+                results[k] if k in results else None,
+                self.plan.owner(k),
+            )
+            if err is not None:
+                errors.append(err)
+        return errors
+
+
+class LocalEngine(OwnerEngine):
+    """The engine of one process: every matrix is owned here; no collectives."""
+
+    def __init__(self):
+        super().__init__(group=False)
+
+
+DistributedEngine = OwnerEngine
+
+
+class ShardLocalEngine(OwnerEngine):
+    """Approximate, opt-in: each rank preconditions its own block of each sharded matrix.
+
+    No exchange of matrices, so it is faster than the exact engine, but the direction of a block is not the
+    block of the full matrix's direction: results depend on the world size. Decisions (skips, errors) are
+    still taken by all ranks together. Supports row blocks (FSDP2 ``Shard(0)``) and replicated matrices;
+    the tracked basis is refused (it would describe a block, not the matrix).
+    Select it with ``SpectralNewton(..., engine=ShardLocalEngine())``.
+    """
+
+    def __init__(self, group=None):
+        super().__init__(group=group if dist.is_available() and dist.is_initialized() else False)
+
+    def _matrix_step(self, opt, slots, grad_of) -> list[BaseException]:
+        local = self._momentum(opt, slots, grad_of)
+        errors = []
+        for s in slots:
+            if s.group["basis"] == "tracked":
+                raise ValueError("ShardLocalEngine does not support basis='tracked'")
+            M = local.get(s.key)
+            if M is None or M.numel() == 0:
+                res = ms.DirectionResult(ms.OK, None)
+            else:
+                rows = M.numel() // s.mshape[1]
+                meta = s.meta()
+                res = ms.owner_directions(
+                    [
+                        ms.DirectionJob(
+                            s.key,
+                            M.view(rows, s.mshape[1]),
+                            s.group,
+                            opt.resolve_alpha_meta(meta, s.group),
+                            None,
+                            opt.counters(meta)["consecutive_failures"],
+                        )
+                    ]
+                )[s.key]
+            D = None if res.D is None else res.D.reshape(-1)
+            if M is not None and M.numel() and D is None and res.status in (ms.OK, ms.FALLBACK):
+                res.status = ms.SKIP
+            err = opt.finish_matrix(s, res.status, D, None, res.retries, res.refreshes, res, self.rank)
+            if err is not None:
+                errors.append(err)
+        return errors
+
+
+def make_engine(opt, distributed="auto"):
+    """The engine for ``opt`` (see the module docstring): called at the first step."""
+    if distributed is False or not (dist.is_available() and dist.is_initialized()):
+        if distributed not in (False, "auto", None):
+            raise RuntimeError(
+                f"distributed={distributed!r} needs an initialised torch.distributed process group"
+            )
+        return LocalEngine()
+    if distributed in ("auto", None, True):
+        group = None
+        dt = [p for g in opt.param_groups for p in g["params"] if is_dtensor(p)]
+        if dt:
+            mesh_ranks = sorted({int(r) for p in dt for r in p.device_mesh.mesh.flatten().tolist()})
+            if mesh_ranks != list(range(dist.get_world_size())):
+                raise ValueError(
+                    f"DTensor parameters live on ranks {mesh_ranks[:8]}..., not on the whole default process "
+                    "group: pass process_group= (distributed=<group>) covering exactly those ranks"
+                )
+        if dist.get_world_size() == 1:
+            return LocalEngine()
+        return OwnerEngine(group)
+    return OwnerEngine(distributed)  # a ProcessGroup
 
 
 def state_bytes(opt) -> int:
@@ -86,175 +462,3 @@ def state_bytes(opt) -> int:
         return 0
 
     return sum(walk(st) for st in opt.state.values())
-
-
-class DistributedEngine:
-    """Owner-sharded matrix step over the default process group (or ``group``).
-
-    Construction is collective: every rank describes its matrices (name, shape, local row range) in one
-    ``all_gather_object``; a parameter missing on some rank or a shape mismatch raises
-    :class:`PlanMismatchError` naming it; the LPT plan's hash is verified with one more ``all_gather_object``.
-    The plan is rebuilt (collectively) when the optimizer's matrices change.
-    """
-
-    def __init__(self, opt, group=None):
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-        self.plan: Plan | None = None
-        self._signature = None
-        self._params: dict[str, tuple[torch.Tensor, dict]] = {}
-        self.build(opt)
-
-    # ------------------------------------------------------------------ plan
-    @staticmethod
-    def _jobs(opt):
-        return [(n, p, g) for n, p, g in opt.named_params() if opt.is_matrix(p, g)]
-
-    @staticmethod
-    def _signature_of(jobs):
-        return tuple((n, id(p), tuple(p.shape)) for n, p, _ in jobs)
-
-    def build(self, opt, jobs=None) -> Plan:
-        """(Re)build and verify the owner plan for the optimizer's matrices (collective)."""
-        jobs = self._jobs(opt) if jobs is None else jobs
-        names = [n for n, _, _ in jobs]
-        if len(set(names)) != len(names):
-            dup = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(f"matrix parameter names must be unique for the distributed engine: {dup}")
-        mine = {}
-        for n, p, _ in jobs:
-            rows = _local_rows(n, p)
-            mine[n] = (tuple(p.shape), rows)
-        everyone: list[dict] = [None] * self.world_size  # type: ignore[list-item]
-        dist.all_gather_object(everyone, mine, group=self.group)
-        all_names = set().union(*(set(d) for d in everyone))
-        for n in sorted(all_names):
-            missing = [r for r, d in enumerate(everyone) if n not in d]
-            if missing:
-                raise PlanMismatchError(
-                    f"matrix parameter {n!r} is missing on rank(s) {missing} (present on the others); every "
-                    "rank must build the optimizer over the same parameters"
-                )
-            shapes = {d[n][0] for d in everyone}
-            if len(shapes) > 1:
-                raise PlanMismatchError(f"matrix parameter {n!r} has different shapes across ranks: {shapes}")
-        layouts = []
-        for n, p, _ in jobs:
-            m = int(p.shape[0])
-            cols = p.numel() // m if m else 0
-            slices = []
-            for d in everyone:
-                rows = d[n][1]
-                slices.append([(0, m * cols)] if rows is None else [(rows[0] * cols, rows[1] * cols)])
-            layouts.append(MatrixLayout(n, (m, cols), slices))
-        plan = build_plan(layouts, self.world_size)
-        hashes: list[str] = [None] * self.world_size  # type: ignore[list-item]
-        dist.all_gather_object(hashes, plan.hash, group=self.group)
-        if len(set(hashes)) != 1:
-            raise PlanMismatchError(
-                f"owner plans differ across ranks (hashes {hashes}); matrices on rank {self.rank}: {names}"
-            )
-        self.plan = plan
-        self._signature = self._signature_of(jobs)
-        self._params = {n: (p, g) for n, p, g in jobs}
-        return plan
-
-    def owner_of(self, name: str) -> int:
-        return self.plan.owner(name)
-
-    # ------------------------------------------------------------------ step
-    def _active_keys(self, jobs) -> list[str]:
-        """Matrices to step this time: gradient present on every rank that holds part of them.
-
-        One all_gather of a byte per matrix; ranks with an empty shard do not count (FSDP2 may leave them
-        without a gradient).
-        """
-        plan = self.plan
-        keys = [lay.key for lay in plan.layouts]
-        if not keys:
-            return []
-        has = torch.tensor(
-            [self._params[k][0].grad is not None for k in keys],
-            dtype=torch.uint8,
-            device=comm_device(self.group),
-        )
-        table = [torch.empty_like(has) for _ in range(self.world_size)]
-        try:
-            dist.all_gather(table, has, group=self.group)
-        except Exception as e:  # a timeout here means some rank did not call step()
-            raise ExchangeError(
-                f"rank {self.rank}: gradient check of matrices {_names(keys)} failed (did every rank call "
-                f"optimizer.step()?): {e}"
-            ) from e
-        table = torch.stack(table).cpu()
-        active = []
-        for i, k in enumerate(keys):
-            lay = plan.layout(k)
-            holders = [r for r in range(self.world_size) if lay.local_numel(r) > 0]
-            with_grad = [r for r in holders if table[r, i]]
-            if not with_grad:
-                continue
-            if len(with_grad) != len(holders):
-                without = sorted(set(holders) - set(with_grad))
-                raise RuntimeError(
-                    f"parameter {k!r} has a gradient on rank(s) {with_grad} but none on rank(s) {without}; "
-                    "every rank must run the same backward (or set unused gradients to zeros)"
-                )
-            active.append(k)
-        return active
-
-    def matrix_step(self, opt, jobs) -> None:
-        if self.plan is None or self._signature_of(jobs) != self._signature:
-            self.build(opt, jobs)
-        keys = self._active_keys(jobs)
-        if not keys:
-            return
-        plan, rank = self.plan, self.rank
-        local = {}
-        for k in keys:
-            p, _ = self._params[k]
-            g = p.grad
-            if g is None:  # an empty shard without a gradient
-                local[k] = [torch.empty(0)]
-            else:
-                local[k] = [local_tensor(g).reshape(-1)]
-        full = gather_to_owners(plan, local, self.group, keys=keys)
-        dirs = {}
-        for k in keys:
-            if plan.owner(k) != rank:
-                continue
-            p, group = self._params[k]
-            dirs[k] = opt.matrix_direction(p, full[k], group, k)
-        pieces = scatter_from_owners(plan, dirs, self.group, keys=keys)
-        for k in keys:
-            got = pieces[k]
-            if got is None:
-                continue
-            p, group = self._params[k]
-            lp = local_tensor(p)
-            if lp.numel() == 0:
-                continue
-            opt.apply_matrix_update(lp, got[0].to(lp.device).view(lp.shape), group)
-
-
-class ShardLocalEngine:
-    """Approximate, opt-in: each rank preconditions its own row block of each FSDP2-sharded matrix.
-
-    No exchange at all, so it is faster than :class:`DistributedEngine`, but the direction of a row block is
-    not the row block of the full matrix's direction: results depend on the world size, and a rank's momentum
-    and basis describe its shard only (non-finite-gradient skips are decided per rank too). Replicated (DDP)
-    matrices are computed whole on every rank. Off by default; select it with
-    ``SpectralNewton(..., engine=ShardLocalEngine())``. Sharded checkpoints are not supported in this mode.
-    """
-
-    def matrix_step(self, opt, jobs) -> None:
-        for name, p, group in jobs:
-            if p.grad is None:
-                continue
-            g = local_tensor(p.grad)
-            lp = local_tensor(p)
-            if g.numel() == 0:
-                continue
-            D = opt.matrix_direction(p, g.reshape(g.shape[0], -1), group, name)
-            opt.apply_matrix_update(lp, None if D is None else D.view(lp.shape), group)

@@ -1,9 +1,16 @@
 """Where each matrix lives across ranks, and which rank owns (preconditions) it.
 
-Every engine is described the same way: each rank holds contiguous slices of the row-major flattened
-matrix. DDP replicates (every rank holds ``(0, numel)``), FSDP2 ``Shard(0)`` gives rank r its row block,
-ZeRO gives rank r a range of a flat buffer. Only building the layout is engine-specific; the owner plan and
-the exchange (:mod:`spectral_dist.distributed.exchange`) are shared.
+Every engine is described the same way: rank r holds a list of *pieces* of the row-major flattened matrix,
+in the order of its local data. A piece is ``(offset, length, count, stride)``: ``count`` runs of ``length``
+consecutive elements starting at ``offset + i * stride``. DDP replicates (every rank holds ``(0, numel)``),
+FSDP2 ``Shard(0)`` gives rank r its row block, a tensor-parallel ``Shard(1)`` weight a column block (one
+strided piece), ZeRO a range of a flat buffer. Only building the layout is engine-specific
+(:mod:`spectral_dist.distributed.describe`, the ZeRO mapping); the owner plan and the exchange
+(:mod:`spectral_dist.distributed.exchange`) are shared.
+
+Pieces held by different ranks are either identical (replicas: DDP, HSDP's replicate dimension) or disjoint;
+:func:`build_plan` checks that they cover the matrix exactly once. Each distinct piece travels to the owner
+at most once (from the owner itself when it holds it, else from the lowest rank that does).
 
 The owner plan is longest-processing-time (LPT) on the cost m * n * min(m, n) of a decomposition: matrices
 in decreasing cost (ties broken by key) each go to the least loaded rank (ties: lowest rank). It depends
@@ -19,12 +26,14 @@ from functools import cached_property
 
 __all__ = [
     "MatrixLayout",
+    "Piece",
     "Plan",
     "Route",
     "build_plan",
+    "compress_runs",
+    "matrix_cost",
     "replicated_layout",
     "row_block_layout",
-    "matrix_cost",
 ]
 
 
@@ -38,16 +47,78 @@ def matrix_cost(shape: tuple[int, ...]) -> int:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """``count`` runs of ``length`` elements, run i starting at flat index ``offset + i * stride``."""
+
+    offset: int
+    length: int
+    count: int = 1
+    stride: int = 0
+
+    @property
+    def numel(self) -> int:
+        return self.length * self.count
+
+    def runs(self):
+        for i in range(self.count):
+            yield self.offset + i * self.stride, self.length
+
+    @property
+    def end(self) -> int:
+        """One past the last flat index touched."""
+        if self.numel == 0:
+            return self.offset
+        return self.offset + (self.count - 1) * self.stride + self.length
+
+
+def _as_piece(p) -> Piece:
+    if isinstance(p, Piece):
+        return p
+    p = tuple(int(v) for v in p)
+    if len(p) == 2:
+        return Piece(p[0], p[1], 1, p[1])
+    if len(p) == 4:
+        return Piece(*p)
+    raise ValueError(f"a piece is (offset, length) or (offset, length, count, stride), got {p!r}")
+
+
+def compress_runs(runs: list[tuple[int, int]]) -> list[Piece]:
+    """Pieces for a list of (offset, length) runs in local order: adjacent runs merge, equal-length runs at a
+    constant stride become one strided piece."""
+    merged: list[list[int]] = []
+    for o, n in runs:
+        if n <= 0:
+            continue
+        if merged and merged[-1][0] + merged[-1][1] == o:
+            merged[-1][1] += n
+        else:
+            merged.append([o, n])
+    out: list[Piece] = []
+    i = 0
+    while i < len(merged):
+        o, n = merged[i]
+        j = i + 1
+        stride = merged[j][0] - o if j < len(merged) else 0
+        while (
+            j < len(merged) and merged[j][1] == n and merged[j][0] - merged[j - 1][0] == stride and stride > n
+        ):
+            j += 1
+        count = j - i
+        out.append(Piece(o, n, count, stride if count > 1 else n))
+        i = j
+    return out
+
+
+@dataclass(frozen=True)
 class MatrixLayout:
-    """One matrix across ranks.
+    """One matrix (or vector) across ranks.
 
     Args:
         key: a name identical on every rank (the parameter's FQN).
-        shape: shape of the full tensor that :func:`gather_to_owners` returns (the engines use the 2-D
-            (out, in * k...) view; ``numel`` is what matters for the exchange).
-        slices: ``slices[r]`` is the list of ``(offset, length)`` ranges of the flattened full matrix held
-            by rank r, in the order its local pieces are passed to the exchange. Ranges may overlap across
-            ranks (replication) and may be empty.
+        shape: shape of the full tensor (the engines use the 2-D (out, in * k...) view).
+        slices: ``slices[r]`` is the list of pieces (:class:`Piece`, or ``(offset, length)`` for a contiguous
+            range) of the flattened full matrix held by rank r, in the order of its local data. Pieces of
+            different ranks are identical (replicas) or disjoint; they may be empty.
     """
 
     key: str
@@ -56,15 +127,21 @@ class MatrixLayout:
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-        object.__setattr__(
-            self, "slices", [[(int(o), int(n)) for o, n in rank_slices] for rank_slices in self.slices]
-        )
+        slices = [[_as_piece(p) for p in rank_pieces] for rank_pieces in self.slices]
+        slices = [[p for p in rank_pieces if p.numel > 0] for rank_pieces in slices]
+        object.__setattr__(self, "slices", slices)
         numel = self.numel
-        for r, rank_slices in enumerate(self.slices):
-            for o, n in rank_slices:
-                if o < 0 or n < 0 or o + n > numel:
+        for r, rank_pieces in enumerate(slices):
+            for p in rank_pieces:
+                if (
+                    p.offset < 0
+                    or p.length < 0
+                    or p.count < 0
+                    or p.end > numel
+                    or (p.count > 1 and p.stride < p.length)
+                ):
                     raise ValueError(
-                        f"matrix {self.key!r}: rank {r} range (offset={o}, length={n}) is outside [0, {numel})"
+                        f"matrix {self.key!r}: rank {r} piece {p} is outside [0, {numel}) or overlaps itself"
                     )
 
     @property
@@ -80,19 +157,32 @@ class MatrixLayout:
         return matrix_cost(self.shape)
 
     def local_numel(self, rank: int) -> int:
-        return sum(n for _, n in self.slices[rank])
+        return sum(p.numel for p in self.slices[rank])
+
+    def holders(self) -> list[int]:
+        """Ranks that hold at least one element."""
+        return [r for r in range(self.world_size) if self.slices[r]]
 
     def holds_all(self, rank: int) -> bool:
-        """Whether rank holds the whole matrix as a single piece (so it can use its own copy)."""
-        s = [(o, n) for o, n in self.slices[rank] if n > 0]
-        return len(s) == 1 and s[0] == (0, self.numel) or self.numel == 0
+        """Whether rank holds the whole matrix as a single contiguous piece."""
+        s = self.slices[rank]
+        return self.numel == 0 or (
+            len(s) == 1
+            and s[0].offset == 0
+            and s[0].numel == self.numel
+            and (s[0].count == 1 or s[0].stride == s[0].length)
+        )
 
     @property
     def replicated(self) -> bool:
         return all(self.holds_all(r) for r in range(self.world_size))
 
     def describe(self) -> tuple:
-        return (self.key, self.shape, tuple(tuple(s) for s in self.slices))
+        return (
+            self.key,
+            self.shape,
+            tuple(tuple((p.offset, p.length, p.count, p.stride) for p in s) for s in self.slices),
+        )
 
 
 def replicated_layout(key: str, shape: tuple, world_size: int) -> MatrixLayout:
@@ -109,51 +199,53 @@ def row_block_layout(key: str, shape: tuple, row_ranges: list[tuple[int, int]]) 
 
 @dataclass(frozen=True)
 class Route:
-    """One contiguous piece of a matrix moving between ranks.
-
-    ``src`` sends ``length`` elements starting at ``src_offset`` inside its local piece ``src_piece``; they
-    are elements ``[offset, offset + length)`` of the flattened full matrix.
-    """
+    """One piece of a matrix moving to its owner: rank ``src`` sends its local elements
+    ``[src_offset, src_offset + piece.numel)``, which are ``piece`` of the flattened full matrix."""
 
     key: str
     src: int
-    src_piece: int
     src_offset: int
-    offset: int
-    length: int
+    piece: Piece
+
+    @property
+    def length(self) -> int:
+        return self.piece.numel
+
+
+def _check_cover(layout: MatrixLayout) -> None:
+    """Distinct pieces must tile the matrix: no element twice, none missing (replicas count once)."""
+    distinct = {p for s in layout.slices for p in s}
+    total = sum(p.numel for p in distinct)
+    if total != layout.numel:
+        raise ValueError(
+            f"matrix {layout.key!r} of shape {layout.shape}: its ranks' distinct pieces hold {total} elements, "
+            f"the matrix has {layout.numel} (pieces must be identical replicas or disjoint, and cover it)"
+        )
+    if len(distinct) <= 1:
+        return
+    covered = bytearray(layout.numel)  # plan time only; one byte per element
+    for p in distinct:
+        for o, n in p.runs():
+            if any(covered[o : o + n]):
+                raise ValueError(
+                    f"matrix {layout.key!r}: pieces of different ranks overlap partially at elements "
+                    f"[{o}, {o + n}); pieces must be identical replicas or disjoint"
+                )
+            covered[o : o + n] = b"\x01" * n
 
 
 def _cover(layout: MatrixLayout, owner: int) -> list[Route]:
-    """Routes that assemble the full matrix on ``owner``: its own pieces first, then the lowest rank holding
-    each missing range. Deterministic, so every rank derives the same routes from the same layout."""
-    numel = layout.numel
-    routes: list[Route] = []
-    missing = [(0, numel)] if numel else []
+    """Routes that assemble the full matrix on ``owner``: each distinct piece once, from the owner when it
+    holds it, else from the lowest rank that does. Deterministic: every rank derives the same routes."""
+    chosen: dict[Piece, Route] = {}
     order = [owner] + [r for r in range(layout.world_size) if r != owner]
     for r in order:
-        if not missing:
-            break
-        for pi, (po, pn) in enumerate(layout.slices[r]):
-            if pn == 0:
-                continue
-            still = []
-            for mo, mn in missing:
-                lo, hi = max(mo, po), min(mo + mn, po + pn)
-                if lo >= hi:
-                    still.append((mo, mn))
-                    continue
-                routes.append(Route(layout.key, r, pi, lo - po, lo, hi - lo))
-                if mo < lo:
-                    still.append((mo, lo - mo))
-                if hi < mo + mn:
-                    still.append((hi, mo + mn - hi))
-            missing = sorted(still)
-    if missing:
-        raise ValueError(
-            f"matrix {layout.key!r} of shape {layout.shape}: no rank holds elements {missing[:3]} "
-            "(its layout does not cover the matrix)"
-        )
-    return sorted(routes, key=lambda t: t.offset)
+        off = 0
+        for p in layout.slices[r]:
+            if p not in chosen:
+                chosen[p] = Route(layout.key, r, off, p)
+            off += p.numel
+    return sorted(chosen.values(), key=lambda t: (t.src, t.src_offset))
 
 
 @dataclass(frozen=True)
@@ -216,13 +308,15 @@ def build_plan(layouts: list[MatrixLayout], world_size: int | None = None) -> Pl
     """Deterministic LPT owner plan: decreasing cost (ties: key), each to the least loaded rank (ties: lowest).
 
     LPT is within 4/3 of the optimal makespan; the cost is that of the decomposition, which dominates the
-    matrix step.
+    matrix step. Every layout is checked to tile its matrix (:func:`_check_cover`).
     """
     layouts = tuple(layouts)
     if world_size is None:
         if not layouts:
             raise ValueError("build_plan needs world_size when there are no layouts")
         world_size = layouts[0].world_size
+    for lay in layouts:
+        _check_cover(lay)
     load = [0] * world_size
     count = [0] * world_size
     owners = {}

@@ -8,12 +8,15 @@ Any other config goes to ``deepspeed.initialize`` unchanged.
 
 How it stays exact: ZeRO gives a client optimizer flat fp32 partitions (stage 1/2: a range of each param
 group's flat buffer; stage 3: every parameter's own partition, concatenated per sub-group). At attach time
-each flat partition is mapped back to ``(parameter, offset, length)`` pieces on every rank, which gives one
-:class:`~spectral_dist.distributed.layout.MatrixLayout` per matrix and an LPT owner plan. At each step the
-fully reduced, unscaled (and clipped) fp32 gradient pieces are gathered to each matrix's owner, the owner runs
-:meth:`SpectralNewton.matrix_direction` in fp32 (momentum and basis live only there), and the direction's
-slices go back to every rank, which applies them to its fp32 master partition. Non-matrix pieces get AdamW
-elementwise on the partition, with a cross-rank non-finite check so all ranks skip together.
+each flat partition is mapped back to ``(parameter, offset, length)`` pieces on every rank
+(:mod:`.deepspeed_compat`, the one reader of DeepSpeed's private attributes), which gives one
+:class:`~spectral_dist.distributed.layout.MatrixLayout` per parameter. The step is the same engine every other
+setting uses (:class:`~spectral_dist.distributed.engine.OwnerEngine`): momentum is updated elementwise on each
+rank's own elements, the momentum-blended matrix goes to its owner, the owner's direction comes back in
+slices. State is keyed by partition like DeepSpeed's own optimizers (``exp_avg`` holds the matrices' momentum
+and the vectors' first moment, ``exp_avg_sq`` the vectors' second moment; per-parameter counters and tracked
+bases are identical on every rank), so ``engine.save_checkpoint`` / ``load_checkpoint`` resume exactly at the
+same world size and refuse another one with a message.
 
 Precision: bf16 and fp16 configs keep fp32 master partitions (``*_master_weights_and_gradients`` are refused).
 DeepSpeed checks for overflow and skips the step before the client optimizer is called, and it unscales (and
@@ -24,9 +27,8 @@ all-gathers afterwards is bf16/fp16. fp16 goes through the same code path as bf1
 with fp16 support (not this project's CPU test machine).
 
 Supported: ZeRO stages 1, 2, 3 (also bf16 with fp32 gradient accumulation, DeepSpeed's ``BF16_Optimizer``),
-gradient accumulation, clipping, DeepSpeed LR schedulers (they set each group's ``lr``; a fixed ``adamw_lr``
-stays fixed, leave it unset to follow the schedule), ``save_checkpoint``/``load_checkpoint`` at the same world
-size. Refused at initialize with the key and the fix: stage 0, optimizer/parameter offload, ZeRO++ quantized
+gradient accumulation, clipping, DeepSpeed LR schedulers (they set each group's ``lr``; ``adamw_lr`` follows
+as ``adamw_lr * lr / base_lr``), ``save_checkpoint``/``load_checkpoint`` at the same world size. Refused at initialize with the key and the fix: stage 0, optimizer/parameter offload, ZeRO++ quantized
 gradients, hpZ, MiCS, elastic checkpoints, low-precision master weights, models built under ``zero.Init``.
 ZeRO cannot tell an unused parameter from a zero gradient: such a matrix steps on its decaying momentum,
 where a single-process SpectralNewton would skip it.
@@ -39,16 +41,16 @@ import inspect
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..distributed.exchange import gather_to_owners, scatter_from_owners
+from ..distributed.engine import OwnerEngine
 from ..distributed.layout import MatrixLayout, build_plan
-from ..optim.engine import LocalEngine
-from ..optim.spectral_newton import SpectralNewton
+from ..optim.spectral_newton import SpectralNewton, validate_group
+from .deepspeed_compat import partition_entries
 
 __all__ = [
     "SPECTRAL_TYPE",
@@ -188,6 +190,87 @@ def strip_optimizer(cfg: Mapping) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- optimizer
+class ZeroSlot:
+    """A parameter's elements inside this rank's flat fp32 ZeRO partition, for the one engine
+    (:class:`~spectral_dist.distributed.engine.OwnerEngine`). Elementwise state lives in whole-partition
+    buffers (``exp_avg``: a matrix's momentum or a vector's first moment, ``exp_avg_sq``), keyed by the
+    partition like DeepSpeed's own optimizers; per-parameter state (counters, tracked basis) in
+    ``state[partition]["params"][name]``, identical on every rank."""
+
+    __slots__ = ("opt", "key", "gi", "flat", "fo", "n", "param", "kind", "mshape", "layout")
+    _BUFFER = {"momentum_buffer": "exp_avg", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+
+    def __init__(self, opt, key, gi, flat, fo, n, param, kind, mshape, layout):
+        self.opt, self.key, self.gi, self.flat, self.fo, self.n = opt, key, gi, flat, fo, n
+        self.param, self.kind, self.mshape, self.layout = param, kind, mshape, layout
+
+    @property
+    def group(self) -> dict:
+        return self.opt.param_groups[self.gi]
+
+    def meta(self) -> dict:
+        return self.opt.state[self.flat].setdefault("params", {}).setdefault(self.key, {})
+
+    def local(self) -> torch.Tensor:
+        return self.flat.data.narrow(0, self.fo, self.n)
+
+    def grad(self) -> torch.Tensor | None:
+        g = self.flat.grad
+        return None if g is None else g.narrow(0, self.fo, self.n)
+
+    def buffer(self, name: str, dtype: torch.dtype, init=None) -> torch.Tensor:
+        if name not in self._BUFFER:
+            raise KeyError(f"ZeRO partitions keep no {name!r} buffer (they are fp32 master weights already)")
+        st = self.opt.state[self.flat]
+        key = self._BUFFER[name]
+        if key not in st:
+            st[key] = torch.zeros_like(self.flat, dtype=dtype)
+        return st[key].narrow(0, self.fo, self.n)
+
+    def apply(self, fn) -> None:
+        fn(self.local())
+
+
+class _ZeroEngine(OwnerEngine):
+    """The one engine, with slots from ZeRO's flat partitions and one plan over all matrices (stage 3 steps
+    one sub-group at a time; every call exchanges that sub-group's matrices)."""
+
+    def __init__(self, zl, group):
+        super().__init__(group=group)
+        self.zl = zl
+        self.plan = build_plan([e["layout"] for e in zl.entries if e["kind"] == "matrix"], self.world_size)
+
+    def slots(self, opt) -> list:
+        sig = tuple(id(t) for g in opt.param_groups for t in g["params"])
+        if sig != self._signature:
+            out = []  # DeepSpeed steps one group at a time (a one-group list): index the list it passes
+            for gi, g in enumerate(opt.param_groups):
+                for t in g["params"]:
+                    ents = self.zl.by_flat.get(id(t))
+                    if ents is None or ents[0]["flat"] is not t:
+                        raise RuntimeError(
+                            "ZeroSpectralNewton got a parameter that is not one of the ZeRO partitions it was "
+                            "attached to; re-run attach() after rebuilding the ZeRO optimizer"
+                        )
+                    for e in ents:
+                        out.append(
+                            ZeroSlot(
+                                opt,
+                                e["key"],
+                                gi,
+                                t,
+                                e["fo"],
+                                e["n"],
+                                e["param"],
+                                e["kind"],
+                                e["mshape"],
+                                e["layout"],
+                            )
+                        )
+            self._slots, self._signature = out, sig
+        return self._slots
+
+
 class ZeroSpectralNewton(SpectralNewton):
     """SpectralNewton that steps ZeRO's flat fp32 partitions (see the module docstring).
 
@@ -198,7 +281,7 @@ class ZeroSpectralNewton(SpectralNewton):
     def __init__(self, params, *args, **kwargs):
         params = list(params)
         names = kwargs.pop("param_name_map", None) or {}
-        kwargs.setdefault("engine", LocalEngine())
+        kwargs.setdefault("distributed", False)  # the engine is set by attach()
         super().__init__(params, *args, **kwargs)
         self._name_of: dict[int, str] = {}
         self._params: list[torch.Tensor] = []
@@ -220,6 +303,7 @@ class ZeroSpectralNewton(SpectralNewton):
     def attach(self, zero_optimizer) -> None:
         """Map ZeRO's flat partitions back to parameters and build the owner plan (collective-free)."""
         self._zero = _build_zero_layout(self, zero_optimizer)
+        self._engine = _ZeroEngine(self._zero, self._zero.group)
 
     # -- step ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -229,293 +313,131 @@ class ZeroSpectralNewton(SpectralNewton):
                 "ZeroSpectralNewton was stepped before attach(): build the engine with "
                 "spectral_dist.deepspeed.initialize (or prepare_spectral_newton with accelerate)"
             )
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        z = self._zero
-        flats = []
         for g in self.param_groups:
             for t in g["params"]:
-                fl = z.flats.get(id(t))
-                if fl is None or fl.tensor is not t:
-                    raise RuntimeError(
-                        "ZeroSpectralNewton got a parameter that is not one of the ZeRO partitions it was "
-                        "attached to; re-run attach() after rebuilding the ZeRO optimizer"
-                    )
                 if t.grad is None:
                     raise RuntimeError("a ZeRO partition has no gradient at step(); this is a DeepSpeed bug")
-                flats.append(fl)
-        if flats:
-            self._step_flats(flats)
-        return loss
-
-    def _step_flats(self, flats: list[_Flat]) -> None:
-        z = self._zero
-        pg, rank = z.group, z.rank
-        mats = [m for fl in flats for m in fl.matrices]
-        vecs = [v for fl in flats for v in fl.vectors]
-        keys = [m.key for m in mats]
-        local = {m.key: [m.flat.tensor.grad.narrow(0, fo, n) for fo, _, n in m.local] for m in mats}
-        full = gather_to_owners(z.plan, local, pg, keys=keys) if keys else {}
-        dirs = {}
-        for m in mats:
-            if z.plan.owner(m.key) == rank:
-                G = full[m.key].view(m.mshape)
-                D = self.matrix_direction(m.param, G, m.group, m.key)
-                dirs[m.key] = D
-        bad = torch.tensor(
-            [
-                float(
-                    any(not torch.isfinite(v.flat.tensor.grad.narrow(0, fo, n)).all() for fo, _, n in v.local)
-                )
-                for v in vecs
-            ],
-            dtype=torch.float32,
-        )
-        if z.world > 1 and len(vecs):
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=pg)
-        pieces = scatter_from_owners(z.plan, dirs, pg, keys=keys) if keys else {}
-        for m in mats:
-            got = pieces[m.key]
-            if got is None:
-                continue
-            part = m.flat.tensor.data
-            for (fo, _, n), d in zip(m.local, got):
-                self.apply_matrix_update(part.narrow(0, fo, n), d, m.group)
-        for v, b in zip(vecs, bad.tolist()):
-            self._vector_step(v, skip=b > 0)
-
-    def _vector_step(self, v: _Vector, skip: bool) -> None:
-        part = v.flat.tensor.data
-        grad = v.flat.tensor.grad
-        if skip:
-            for fo, _, n in v.local:
-                self._borrow(v, fo, part.narrow(0, fo, n), lambda p, v=v: self._note_skip(p, v.key))
-            return
-        for fo, _, n in v.local:
-            view = part.narrow(0, fo, n)
-            g = grad.narrow(0, fo, n)
-            self._borrow(v, fo, view, lambda p, g=g, v=v: self.adamw_step(p, g, v.group, v.key))
-
-    def _borrow(self, v: _Vector, fo: int, view: torch.Tensor, fn) -> None:
-        """Run an elementwise step on a partition view with the persistent state of that piece."""
-        key = f"{v.key}@{fo}"
-        self.state[view] = self._zero.vector_state.setdefault(key, {})
-        try:
-            fn(view)
-        finally:
-            del self.state[view]
+        return super().step(closure)
 
     # -- state --------------------------------------------------------------------------------------------
     def state_dict(self):
-        """This rank's state: owned matrices' momentum/basis by name, AdamW pieces by name@offset."""
+        """This rank's state, keyed by partition in DeepSpeed's order, with the layout it was written with."""
         if self._zero is None:
             raise RuntimeError("state_dict() of ZeroSpectralNewton needs attach() first")
         z = self._zero
         groups = [{k: v for k, v in g.items() if k != "params"} | {"params": []} for g in self.param_groups]
-        owned = {m.key: self.state[m.param] for m in z.all_matrices if z.plan.owner(m.key) == z.rank}
         return {
-            "state": {},
+            "state": {i: self.state[f] for i, f in enumerate(z.flat_list) if f in self.state},
             "param_groups": groups,
-            "spectral_zero": {
-                "world_size": z.world,
-                "rank": z.rank,
-                "plan_hash": z.plan.hash,
-                "matrices": owned,
-                "vectors": z.vector_state,
-            },
+            "spectral_zero": {"world_size": z.world, "rank": z.rank, "plan_hash": self._engine.plan.hash},
         }
 
     def load_state_dict(self, state_dict):
         if self._zero is None:
             raise RuntimeError("load_state_dict() of ZeroSpectralNewton needs attach() first")
-        sz = state_dict.get("spectral_zero")
+        sz = state_dict.get("spectral_zero") if isinstance(state_dict, Mapping) else None
         if sz is None:
             raise ValueError(
                 "this optimizer state was not written by ZeroSpectralNewton (no 'spectral_zero' entry): load "
                 "the model weights only (engine.load_checkpoint(..., load_optimizer_states=False))"
             )
         z = self._zero
-        if sz["world_size"] != z.world or sz["plan_hash"] != z.plan.hash:
+        if sz["world_size"] != z.world or sz["plan_hash"] != self._engine.plan.hash:
             raise ValueError(
-                f"checkpoint was written with data-parallel world size {sz['world_size']} and a different "
-                f"ZeRO layout (now world size {z.world}); resume with the same world size, ZeRO stage and "
-                "model, or load with load_optimizer_states=False"
+                f"checkpoint was written with data-parallel world size {sz['world_size']} and another ZeRO "
+                f"layout (now world size {z.world}); ZeRO optimizer state is partitioned by world size: resume "
+                "with the same world size, ZeRO stage and model, or load the model weights only "
+                "(load_optimizer_states=False)"
             )
         if len(state_dict["param_groups"]) != len(self.param_groups):
-            raise ValueError("checkpoint has a different number of param groups")
-        for g, sg in zip(self.param_groups, state_dict["param_groups"]):
-            for k, v in sg.items():
-                if k != "params":
-                    g[k] = v
-        clone = _clone_tree
-        for m in z.all_matrices:
-            if z.plan.owner(m.key) == z.rank:
-                self.state.pop(m.param, None)
-                if m.key in sz["matrices"]:
-                    self.state[m.param] = clone(sz["matrices"][m.key])
-        z.vector_state.clear()
-        z.vector_state.update(clone(sz["vectors"]))
+            raise ValueError(
+                f"checkpoint has {len(state_dict['param_groups'])} param groups, this optimizer "
+                f"{len(self.param_groups)}"
+            )
+        merged = []
+        for gi, (g, sg) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            m = {**g, **{k: v for k, v in sg.items() if k not in ("params", "param_names")}}
+            if isinstance(m.get("adamw_betas"), list):
+                m["adamw_betas"] = tuple(m["adamw_betas"])
+            try:
+                validate_group(m)
+            except ValueError as e:
+                raise ValueError(f"param group {gi} in the checkpoint: {e}") from None
+            merged.append(m)
+        new_state = {}
+        for i, f in enumerate(z.flat_list):
+            st = state_dict["state"].get(i)
+            if st is None:
+                continue
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(f.shape):
+                    raise ValueError(
+                        f"checkpoint state {k!r} of partition {i} has shape {tuple(v.shape)}, "
+                        f"the partition {tuple(f.shape)}"
+                    )
+            new_state[f] = _clone_tree(st, f.device)
+        for g, m in zip(self.param_groups, merged):
+            params = g["params"]
+            g.update(m)
+            g["params"] = params
+        self.state.clear()
+        self.state.update(new_state)
 
     def stats(self) -> dict[str, dict]:
-        """Counters of the matrices this rank owns and of its AdamW pieces (name@offset)."""
+        """Counters per parameter name (identical on every rank)."""
         if self._zero is None:
             return {}
-        z = self._zero
         out = {}
-        for m in z.all_matrices:
-            if z.plan.owner(m.key) == z.rank:
-                c = dict(self.state[m.param].get("counters", {})) if m.param in self.state else {}
-                out[m.key] = {
-                    "kind": "spectral",
-                    **{k: v for k, v in c.items() if not k.startswith("consec")},
-                }
-        for key, st in z.vector_state.items():
-            c = st.get("counters", {})
-            out[key] = {"kind": "adamw", **{k: v for k, v in c.items() if not k.startswith("consec")}}
+        for e in self._zero.entries:
+            meta = (
+                self.state[e["flat"]].get("params", {}).get(e["key"], {}) if e["flat"] in self.state else {}
+            )
+            c = meta.get("counters", {})
+            out[e["key"]] = {
+                "kind": "spectral" if e["kind"] == "matrix" else "adamw",
+                **{k: v for k, v in c.items() if not k.startswith("consec")},
+            }
         return out
 
 
-def _clone_tree(x):
+def _clone_tree(x, device=None):
     if isinstance(x, torch.Tensor):
-        return x.detach().clone()
+        return x.detach().to(device).clone() if device is not None else x.detach().clone()
     if isinstance(x, dict):
-        return {k: _clone_tree(v) for k, v in x.items()}
+        return {k: _clone_tree(v, device) for k, v in x.items()}
     if isinstance(x, list):
-        return [_clone_tree(v) for v in x]
+        return [_clone_tree(v, device) for v in x]
     if isinstance(x, tuple):
-        return tuple(_clone_tree(v) for v in x)
+        return tuple(_clone_tree(v, device) for v in x)
     return copy.deepcopy(x)
 
 
 # ---------------------------------------------------------------------------------------------- ZeRO layout
 @dataclass
-class _Flat:
-    tensor: torch.Tensor  # the fp32 partition ZeRO hands the client optimizer
-    matrices: list = field(default_factory=list)
-    vectors: list = field(default_factory=list)
-
-
-@dataclass
-class _Piece:
-    key: str
-    param: torch.Tensor
-    group: dict
-    flat: _Flat
-    mshape: tuple  # (out, in * k...) matrix view
-    local: list  # this rank's (flat offset, param offset, length)
-
-
-_Matrix = _Vector = _Piece
-
-
-@dataclass
 class _ZeroLayout:
-    flats: dict  # id(partition tensor) -> _Flat
-    plan: object
+    entries: list  # one dict per (partition, parameter): key, gi, flat, fo, n, param, kind, mshape, layout
+    by_flat: dict  # id(partition) -> its entries
+    flat_list: list  # partitions in DeepSpeed's order
     group: object
     rank: int
     world: int
-    all_matrices: list
-    vector_state: dict = field(default_factory=dict)
-
-
-def _stage12_entries(zopt):
-    """Per param group: (partition tensor, group index, [(param, flat offset of rank r -> pieces)])."""
-    out = []
-    for i, params in enumerate(zopt.round_robin_bit16_groups):
-        world = dist.get_world_size(group=zopt.real_dp_process_group[i])
-        ps = int(zopt.partition_size[i])
-        offsets = zopt.round_robin_bit16_offsets[i]
-        metas = zopt.round_robin_bit16_meta[i]
-        entries = []
-        for p, off, meta in zip(params, offsets, metas):
-            entries.append((p, _rank_pieces(off, meta.numel(), ps, world)))
-        out.append((zopt.single_partition_of_fp32_groups[i], i, entries, zopt.real_dp_process_group[i]))
-    return out
-
-
-def _rank_pieces(off: int, n: int, ps: int, world: int) -> list[list[tuple[int, int, int]]]:
-    """For a parameter at flat offset ``off`` with ``n`` elements in a buffer cut into ``world`` partitions of
-    ``ps``: per rank, [(offset in the partition, offset in the parameter, length)] or [] if it holds none."""
-    per_rank = []
-    for r in range(world):
-        lo, hi = max(off, r * ps), min(off + n, (r + 1) * ps)
-        per_rank.append([(lo - r * ps, lo - off, hi - lo)] if hi > lo else [])
-    return per_rank
-
-
-def _bf16_entries(zopt):
-    out = []
-    for i, params in enumerate(zopt.bf16_groups):
-        pg = zopt.real_dp_process_group[i]
-        world = dist.get_world_size(group=pg)
-        ps = zopt.bf16_groups_flat[i].numel() // world
-        entries, off = [], 0
-        for p in params:
-            entries.append((p, _rank_pieces(off, p.numel(), ps, world)))
-            off += p.numel()
-        out.append((zopt.fp32_groups_flat_partition[i], i, entries, pg))
-    return out
-
-
-def _stage3_entries(zopt):
-    out = []
-    for sg, params in enumerate(zopt.fp16_groups):
-        pg = (
-            zopt.sub_group_process_groups[sg]
-            if hasattr(zopt, "sub_group_process_groups")
-            else zopt.dp_process_group
-        )
-        world = dist.get_world_size(group=pg)
-        entries, q = [], 0
-        for p in params:
-            n = p.ds_numel
-            ps = p.partition_numel()
-            per_rank = []
-            for r in range(world):
-                lo, hi = r * ps, min(n, (r + 1) * ps)
-                per_rank.append([(q, lo, hi - lo)] if hi > lo else [])
-            entries.append((p, per_rank))
-            q += ps
-        out.append((zopt.fp32_partitioned_groups_flat[sg], zopt.sub_group_to_group_id[sg], entries, pg))
-    return out
-
-
-def _zero_kind(zopt) -> str:
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    if isinstance(zopt, DeepSpeedZeroOptimizer_Stage3):
-        return "stage3"
-    if isinstance(zopt, DeepSpeedZeroOptimizer):
-        return "stage12"
-    if isinstance(zopt, BF16_Optimizer):
-        return "bf16"
-    raise SpectralConfigError(
-        f"DeepSpeed wrapped the optimizer in {type(zopt).__name__}, which spectral_newton does not support: "
-        "set zero_optimization.stage to 1, 2 or 3 with offload disabled"
-    )
 
 
 def _build_zero_layout(opt: ZeroSpectralNewton, zopt) -> _ZeroLayout:
-    kind = _zero_kind(zopt)
-    entries = {"stage3": _stage3_entries, "stage12": _stage12_entries, "bf16": _bf16_entries}[kind](zopt)
-    groups_pg = {id(e[3]) for e in entries}
+    _, parts = partition_entries(zopt)
+    groups_pg = {id(e[3]) for e in parts}
     if len(groups_pg) > 1:
         raise SpectralConfigError(
             "param groups are partitioned over different process groups (MoE / expert parallelism), which "
             "spectral_newton does not support: use one data-parallel group"
         )
-    pg = entries[0][3] if entries else None
+    pg = parts[0][3] if parts else None
     rank, world = dist.get_rank(group=pg), dist.get_world_size(group=pg)
-    flats, matrices, layouts = {}, [], []
-    for tensor, gid, ents, _ in entries:
+    entries, by_flat, flat_list = [], {}, []
+    for tensor, gid, ents, _ in parts:
         group = opt.param_groups[gid]
-        fl = _Flat(tensor)
-        flats[id(tensor)] = fl
+        flat_list.append(tensor)
+        mine = by_flat.setdefault(id(tensor), [])
         for p, per_rank in ents:
             name = opt._name_of.get(id(p))
             if name is None:
@@ -524,18 +446,24 @@ def _build_zero_layout(opt: ZeroSpectralNewton, zopt) -> _ZeroLayout:
                     "same model you pass to initialize"
                 )
             shape = opt.shape_of(p)
-            mshape = (
-                (shape[0], max(1, int(torch.Size(shape).numel()) // max(1, shape[0]))) if shape else (1, 1)
+            numel = int(torch.Size(shape).numel())
+            mshape = (shape[0], max(1, numel // max(1, shape[0]))) if len(shape) >= 2 else (numel,)
+            layout = MatrixLayout(name, mshape, [[(po, n) for _, po, n in pr] for pr in per_rank])
+            fo, n = (per_rank[rank][0][0], per_rank[rank][0][2]) if per_rank[rank] else (0, 0)
+            e = dict(
+                key=name,
+                gi=gid,
+                flat=tensor,
+                fo=fo,
+                n=n,
+                param=p,
+                kind="matrix" if opt.is_matrix(p, group) else "vector",
+                mshape=mshape,
+                layout=layout,
             )
-            piece = _Piece(name, p, group, fl, mshape, per_rank[rank])
-            if opt.is_matrix(p, group):
-                fl.matrices.append(piece)
-                matrices.append(piece)
-                layouts.append(MatrixLayout(name, mshape, [[(po, n) for _, po, n in pr] for pr in per_rank]))
-            else:  # every rank lists every vector (same order), so the non-finite flags line up
-                fl.vectors.append(piece)
-    plan = build_plan(layouts, world)
-    return _ZeroLayout(flats, plan, pg, rank, world, matrices)
+            entries.append(e)
+            mine.append(e)
+    return _ZeroLayout(entries, by_flat, flat_list, pg, rank, world)
 
 
 def attach(optimizer: ZeroSpectralNewton, engine_or_zero) -> ZeroSpectralNewton:

@@ -5,9 +5,13 @@ update is ``W <- W * (1 - lr * wd) - lr * c * U diag(T(sigma; alpha)) V^T``, T =
 c set by ``scale``. Parameters that are not matrices (and those put in a group with ``spectral=False``)
 get AdamW inside the same optimizer.
 
-The per-matrix math (momentum, direction, scale) lives in :meth:`SpectralNewton.matrix_direction`; where it
-runs is decided by an engine (``spectral_dist.optim.engine``): locally, or on an owner rank that gathers the
-matrix's full gradient when a process group is initialised.
+Where the work runs is the engine's business (:mod:`spectral_dist.distributed.engine`): one process, or an
+owner rank per matrix over a process group (DDP, FSDP2, ZeRO). The optimizer keeps the torch.optim
+contracts on every engine: ``param_groups`` are read live at every step (LR schedulers, ``load_state_dict``
+and ``add_param_group`` always take effect), every rank's state has the parameters' own layout (momentum and
+AdamW moments sharded like the parameter; the per-matrix tracked basis and counters identical on all ranks),
+so ``state_dict()`` works on any rank without collectives and torch DCP, accelerate, the HF Trainer and
+DeepSpeed save and restore it.
 """
 
 from __future__ import annotations
@@ -18,19 +22,38 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from ..spectral import METHODS, DecompositionError, spectral_direction
+from ..spectral import METHODS, DecompositionError
 from ..spectral.decompose import compute_dtype
-from ..spectral.transform import check_alpha, check_damping, inverse_transform, rank_floor
+from ..spectral.transform import check_alpha, check_damping
+from . import matrix_step as ms
 from .classify import DEFAULT_ALPHA, classification_table, classify_parameters, resolve_alpha_map
 
-__all__ = ["SpectralNewton", "SCALES", "NonFiniteGradientError"]
+__all__ = ["SpectralNewton", "SCALES", "NonFiniteGradientError", "validate_group", "normalize_name"]
 
 SCALES = ("rms", "spectral", "none")
-MAX_DECOMPOSITION_FAILURES = 3
+MAX_DECOMPOSITION_FAILURES = ms.MAX_DECOMPOSITION_FAILURES
+_GROUP_META = ("params", "param_names")
+# wrapper segments that torch.compile, DDP, FSDP1 and activation checkpointing insert into parameter names
+_WRAPPER_SEGMENTS = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+_COUNTERS = (
+    "steps",
+    "skipped",
+    "consecutive_skips",
+    "retries",
+    "refreshes",
+    "decomposition_failures",
+    "consecutive_failures",
+    "fallbacks",
+)
 
 
 class NonFiniteGradientError(FloatingPointError):
     """Too many consecutive non-finite gradients for one parameter."""
+
+
+def normalize_name(name: str) -> str:
+    """A parameter name without wrapper segments (``module.``, ``_orig_mod.``, ...), for matching."""
+    return ".".join(s for s in name.split(".") if s not in _WRAPPER_SEGMENTS)
 
 
 def _check_nonneg(name, value):
@@ -51,6 +74,8 @@ def validate_group(g: Mapping) -> None:
     m = g["momentum"]
     if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {m!r}")
+    if not isinstance(g["nesterov"], bool):
+        raise ValueError(f"nesterov must be True or False, got {g['nesterov']!r}")
     check_damping(g["damping"])
     _check_nonneg("weight_decay", g["weight_decay"])
     if g["scale"] not in SCALES:
@@ -64,16 +89,28 @@ def validate_group(g: Mapping) -> None:
     r = g["rank"]
     if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r <= 0):
         raise ValueError(f"rank must be a positive integer or None, got {r!r}")
-    k = g["refresh_every"]
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise ValueError(f"refresh_every must be a positive integer, got {k!r}")
+    for key in ("refresh_every", "ns_steps"):
+        k = g[key]
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise ValueError(f"{key} must be a positive integer, got {k!r}")
     if g["adamw_lr"] is not None:
         _check_nonneg("adamw_lr", g["adamw_lr"])
-    b1, b2 = g["adamw_betas"]
-    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-        raise ValueError(f"adamw_betas must be two numbers in [0, 1), got {g['adamw_betas']!r}")
-    if not g["adamw_eps"] > 0:
-        raise ValueError(f"adamw_eps must be > 0, got {g['adamw_eps']!r}")
+        base = g.get("base_lr", g["lr"])
+        if not base > 0:
+            raise ValueError(
+                f"adamw_lr={g['adamw_lr']!r} follows lr's schedule as adamw_lr * lr / (lr at construction), "
+                "so it needs lr > 0 at construction; leave adamw_lr unset (AdamW then uses lr) or pass lr > 0"
+            )
+    betas = g["adamw_betas"]
+    if (
+        not isinstance(betas, (tuple, list))
+        or len(betas) != 2
+        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)
+    ):
+        raise ValueError(f"adamw_betas must be two numbers in [0, 1), got {betas!r}")
+    eps = g["adamw_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
+        raise ValueError(f"adamw_eps must be a finite number > 0, got {eps!r}")
     _check_nonneg("adamw_weight_decay", g["adamw_weight_decay"])
     _check_nonneg("rms_target", g["rms_target"])
     if g["spectral"] not in (None, True, False):
@@ -100,16 +137,27 @@ class SpectralNewton(torch.optim.Optimizer):
         basis: ``"svd"``, ``"gram"``, ``"newton_schulz"`` (alpha = 1) or ``"tracked"``.
         rank: rank of the tracked basis (None: full).
         refresh_every: exact SVD refresh period of the tracked basis.
-        adamw_lr: learning rate for non-matrix parameters (None: ``lr``).
+        adamw_lr: AdamW's learning rate for non-matrix parameters *when lr is at its constructed value*. The
+            AdamW step follows lr's schedule: it uses ``adamw_lr * lr / base_lr`` with ``base_lr`` the group's
+            lr at construction (kept in the group as ``base_lr``). None: AdamW uses ``lr``.
         adamw_betas, adamw_eps, adamw_weight_decay: AdamW options for non-matrix parameters.
         rms_target: update RMS for ``scale="rms"``.
         ns_steps: Newton-Schulz iterations (``basis="newton_schulz"``).
         max_consecutive_skips: a parameter whose gradient is non-finite this many steps in a row raises
             :class:`NonFiniteGradientError` (its earlier non-finite steps are skipped and counted).
+        master_weights: keep an fp32 master copy (4 bytes per element, in the state as ``master``) of bf16 /
+            fp16 parameters and step that, so small updates are not rounded away. False adds the update in
+            the parameter's dtype (at lr 1e-4 most bf16 entries then never change).
+        distributed: ``"auto"``: one process, or owner-sharded over the default process group when one with
+            more than one rank is initialised (decided at the first step; every rank must then call step());
+            ``False``: this process alone (an EMA copy, an eval helper); a ``ProcessGroup``: that group.
+        engine: an engine instance (e.g. :class:`~spectral_dist.distributed.ShardLocalEngine`), overriding
+            ``distributed``.
 
-    Faults: a non-finite gradient skips that parameter's step (momentum, basis and AdamW moments untouched).
-    A failing decomposition is retried in float64; if that fails too, a tracked basis falls back to its
-    previous basis, other methods skip the matrix's step; 3 consecutive failures raise DecompositionError.
+    Faults: a parameter whose gradient is non-finite on any rank skips its step on every rank (momentum,
+    basis and AdamW moments untouched). A failing decomposition is retried in float64; if that fails too, a
+    tracked basis falls back to its previous basis, other methods skip the matrix's step; 3 consecutive
+    failures raise DecompositionError on every rank.
     """
 
     def __init__(
@@ -133,6 +181,8 @@ class SpectralNewton(torch.optim.Optimizer):
         rms_target: float = 0.2,
         ns_steps: int = 5,
         max_consecutive_skips: int = 10,
+        master_weights: bool = True,
+        distributed="auto",
         engine=None,
     ):
         defaults = dict(
@@ -147,7 +197,7 @@ class SpectralNewton(torch.optim.Optimizer):
             rank=rank,
             refresh_every=refresh_every,
             adamw_lr=adamw_lr,
-            adamw_betas=tuple(adamw_betas),
+            adamw_betas=tuple(adamw_betas) if isinstance(adamw_betas, (list, tuple)) else adamw_betas,
             adamw_eps=adamw_eps,
             adamw_weight_decay=adamw_weight_decay,
             rms_target=rms_target,
@@ -156,17 +206,21 @@ class SpectralNewton(torch.optim.Optimizer):
             layer_type=None,
         )
         validate_group(defaults)
-        if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
+        if (
+            isinstance(max_consecutive_skips, bool)
+            or not isinstance(max_consecutive_skips, int)
+            or (max_consecutive_skips < 1)
+        ):
             raise ValueError(
                 f"max_consecutive_skips must be a positive integer, got {max_consecutive_skips!r}"
             )
+        if not isinstance(master_weights, bool):
+            raise ValueError(f"master_weights must be True or False, got {master_weights!r}")
         self.max_consecutive_skips = max_consecutive_skips
+        self.master_weights = master_weights
+        self._distributed = distributed
+        self._engine = engine
         super().__init__(params, defaults)
-        for g in self.param_groups:
-            validate_group(g)
-        from .engine import make_engine  # local import: engine imports distributed code lazily
-
-        self._engine = make_engine(self) if engine is None else engine
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -208,11 +262,21 @@ class SpectralNewton(torch.optim.Optimizer):
         return opt
 
     def add_param_group(self, param_group: dict) -> None:
+        """torch.optim's ``add_param_group``, validated: a rejected group leaves the optimizer unchanged."""
+        n_before = len(self.param_groups)
         super().add_param_group(param_group)
-        validate_group(self.param_groups[-1])
-        for p in self.param_groups[-1]["params"]:
-            if self.param_groups[-1]["spectral"] is True and p.ndim < 2:
-                raise ValueError(f"spectral=True needs matrix parameters; got one of shape {tuple(p.shape)}")
+        g = self.param_groups[-1]
+        try:
+            g.setdefault("base_lr", g["lr"])
+            validate_group(g)
+            for p in g["params"]:
+                if g["spectral"] is True and p.ndim < 2:
+                    raise ValueError(
+                        f"spectral=True needs matrix parameters; got one of shape {tuple(p.shape)}"
+                    )
+        except Exception:
+            del self.param_groups[n_before:]
+            raise
 
     # ------------------------------------------------------------------ bookkeeping
     def is_matrix(self, p: torch.Tensor, group: Mapping) -> bool:
@@ -227,29 +291,32 @@ class SpectralNewton(torch.optim.Optimizer):
             for i, p in enumerate(g["params"]):
                 yield (names[i] if names is not None else f"group{gi}.param{i}"), p, g
 
-    def resolve_alpha(self, p: torch.Tensor, group: Mapping) -> float:
+    def resolve_alpha_meta(self, meta: Mapping, group: Mapping) -> float:
         a = group["alpha"]
         if a != "auto":
             return float(a)
-        est = self.state[p].get("alpha_estimate") if p in self.state else None
+        est = meta.get("alpha_estimate")
         if est is not None:
             return float(est)
         return DEFAULT_ALPHA.get(group.get("layer_type") or "matrix", 1.0)
 
-    def _counters(self, p) -> dict:
-        st = self.state[p]
-        if "counters" not in st:
-            st["counters"] = dict(
-                steps=0,
-                skipped=0,
-                consecutive_skips=0,
-                retries=0,
-                refreshes=0,
-                decomposition_failures=0,
-                consecutive_failures=0,
-                fallbacks=0,
-            )
-        return st["counters"]
+    def resolve_alpha(self, p: torch.Tensor, group: Mapping) -> float:
+        return self.resolve_alpha_meta(self.state[p] if p in self.state else {}, group)
+
+    @staticmethod
+    def counters(meta: dict) -> dict:
+        c = meta.get("counters")
+        if c is None:
+            c = meta["counters"] = dict.fromkeys(_COUNTERS, 0)
+        return c
+
+    @staticmethod
+    def adamw_lr(group: Mapping) -> float:
+        """AdamW's current learning rate in ``group``: ``lr``, or ``adamw_lr * lr / base_lr``."""
+        if group["adamw_lr"] is None:
+            return group["lr"]
+        base = group.get("base_lr") or group["lr"]
+        return group["adamw_lr"] * (group["lr"] / base) if base else 0.0
 
     def stats(self) -> dict[str, dict]:
         """Per-parameter counters: steps, skipped (non-finite), retries (float64), refreshes (tracked SVD),
@@ -266,133 +333,354 @@ class SpectralNewton(torch.optim.Optimizer):
             out[name] = base
         return out
 
-    def _note_skip(self, p, name: str) -> None:
-        c = self._counters(p)
+    def note_skip(self, meta: dict, name: str) -> NonFiniteGradientError | None:
+        """Count a skipped step; the error to raise (on every rank) after too many in a row."""
+        c = self.counters(meta)
         c["skipped"] += 1
         c["consecutive_skips"] += 1
         if c["consecutive_skips"] >= self.max_consecutive_skips:
-            raise NonFiniteGradientError(
+            return NonFiniteGradientError(
                 f"parameter {name!r} had a non-finite gradient for {c['consecutive_skips']} consecutive steps "
                 f"(max_consecutive_skips={self.max_consecutive_skips}); check the loss scale and learning rate"
             )
+        return None
 
-    # ------------------------------------------------------------------ the matrix math (runs on the owner)
-    def matrix_direction(
-        self, p: torch.Tensor, G: torch.Tensor, group: Mapping, name: str
-    ) -> torch.Tensor | None:
-        """Update p's momentum with the full gradient G (m x n) and return the scaled direction (fp32, m x n),
-        or None when the step is skipped (non-finite G or a failed decomposition with no basis to fall back on).
+    # ------------------------------------------------------------------ the per-slot math the engine calls
+    def _half(self, slot) -> bool:
+        return self.master_weights and slot.local().dtype in (torch.float16, torch.bfloat16)
 
-        Only the rank that owns p calls this; p's momentum and basis live in ``self.state[p]`` there.
-        """
-        c = self._counters(p)
-        G = G.detach().to(compute_dtype(G.dtype))  # fp32 for half precision; fp32/fp64 as they are
-        if not torch.isfinite(G).all():
-            self._note_skip(p, name)
-            return None
-        c["consecutive_skips"] = 0
-        st = self.state[p]
-        buf = st.get("momentum_buffer")
-        if buf is None:
-            buf = st["momentum_buffer"] = torch.zeros_like(G, memory_format=torch.contiguous_format)
+    def _master(self, slot) -> torch.Tensor:
+        """fp32 master elements of a half-precision parameter, re-synced where the parameter was changed
+        from outside (weights loaded, EMA swapped in) so the optimizer never overwrites such a change."""
+        m = slot.buffer("master", torch.float32, init=lambda t: t.float())
+        cur = slot.local().reshape(-1)
+        m.copy_(torch.where(m.to(cur.dtype) == cur, m, cur.float()))
+        return m
+
+    def _update(self, slot, delta_fn) -> None:
+        """Apply ``x <- delta_fn(x)`` in place to the parameter's local elements (through the master copy for
+        half precision)."""
+        if self._half(slot):
+            m = self._master(slot)
+            delta_fn(m)
+            slot.apply(lambda flat: flat.copy_(m))
+        else:
+            slot.apply(delta_fn)
+
+    def init_state(self, slot) -> None:
+        """Create a parameter's state (zeros) if missing, gradient or not: every trainable parameter then has
+        the same state keys on every rank and in every run, which DCP and resumed runs rely on."""
+        meta = slot.meta()
+        if "counters" in meta:
+            return
+        self.counters(meta)
+        cd = compute_dtype(slot.local().dtype)
+        if slot.kind == "matrix":
+            slot.buffer("momentum_buffer", cd)
+            meta.setdefault("alpha_estimate", None)  # set by AutoAlpha; present from the start so it resumes
+            if slot.group["basis"] == "tracked":  # step 0: the first use refreshes with an exact SVD
+                m, n = slot.mshape
+                r = ms.tracked_rank(slot.mshape, slot.group)
+                meta.setdefault(
+                    "tracked", {"basis": torch.zeros(n, r, dtype=cd, device=slot.local().device), "step": 0}
+                )
+        else:
+            meta.setdefault("adam_step", 0)
+            slot.buffer("exp_avg", cd)
+            slot.buffer("exp_avg_sq", cd)
+        if self._half(slot):
+            slot.buffer("master", torch.float32, init=lambda t: t.float())
+
+    def momentum_slot(self, slot, g: torch.Tensor) -> torch.Tensor:
+        """Fold this rank's gradient elements into the momentum; return the local M to precondition."""
+        group = slot.group
+        cd = compute_dtype(slot.local().dtype)
+        buf = slot.buffer("momentum_buffer", cd)
+        g = g.to(cd)
         mom = group["momentum"]
-        buf.lerp_(G, 1.0 - mom)
-        M = G.lerp(buf, mom) if group["nesterov"] else buf
-        alpha = self.resolve_alpha(p, group)
-        basis = group["basis"]
-        tracked = st.setdefault("tracked", {}) if basis == "tracked" else None
-        try:
-            D = spectral_direction(
-                M,
-                alpha,
-                group["damping"],
-                basis,
-                state=tracked,
-                rank=group["rank"],
-                refresh_every=group["refresh_every"],
-                ns_steps=group["ns_steps"],
-                counter=c,
-                check_finite=False,  # G was checked above; M blends finite tensors
-            )
-            c["consecutive_failures"] = 0
-        except DecompositionError:
-            c["decomposition_failures"] += 1
-            c["consecutive_failures"] += 1
-            if c["consecutive_failures"] >= MAX_DECOMPOSITION_FAILURES:
-                raise
-            if tracked is None or tracked.get("basis") is None:
-                return None
-            c["fallbacks"] += 1
-            V = tracked["basis"].to(M.dtype)
-            B = M @ V  # columns M v_k; their norms estimate sigma_k in the previous basis
-            w = inverse_transform(B.norm(dim=0), alpha, group["damping"], rank_floor(*M.shape, M.dtype))
-            D = (B * w) @ V.mT
-        c["steps"] += 1
-        return self._scale(D, group)
+        buf.lerp_(g, 1.0 - mom)
+        return g.lerp(buf, mom) if group["nesterov"] else buf
 
-    @staticmethod
-    def _scale(D: torch.Tensor, group: Mapping) -> torch.Tensor:
-        m, n = D.shape
-        s = group["scale"]
-        if s == "spectral":
-            return D * math.sqrt(max(1.0, m / n))
-        if s == "rms":
-            norm = D.norm()
-            return D * (group["rms_target"] * math.sqrt(m * n) / norm) if norm > 0 else D
-        return D
-
-    @staticmethod
-    def apply_matrix_update(p: torch.Tensor, D: torch.Tensor | None, group: Mapping) -> None:
-        """p <- p * (1 - lr * wd) - lr * D, on whatever part of p this rank holds (D shaped like it)."""
-        if D is None:
-            return
-        lr, wd = group["lr"], group["weight_decay"]
-        if wd:
-            p.mul_(1.0 - lr * wd)
-        p.add_(D.to(p.dtype).view_as(p), alpha=-lr)
-
-    # ------------------------------------------------------------------ AdamW for the rest
-    def adamw_step(self, p: torch.Tensor, grad: torch.Tensor, group: Mapping, name: str) -> None:
-        c = self._counters(p)
-        if not torch.isfinite(grad).all():
-            self._note_skip(p, name)
-            return
+    def finish_matrix(self, slot, status, D, extra, retries, refreshes, result, owner):
+        """Every rank, every stepped matrix: counters from the owner's header, tracked basis, the update."""
+        meta = slot.meta()
+        c = self.counters(meta)
+        group = slot.group
         c["consecutive_skips"] = 0
-        st = self.state[p]
-        if "exp_avg" not in st:
-            st["adam_step"] = 0
-            dt = compute_dtype(p.dtype)
-            st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-        st["adam_step"] += 1
+        c["retries"] += retries
+        c["refreshes"] += refreshes
+        if status in (ms.OK, ms.FALLBACK):
+            c["steps"] += 1
+            if status == ms.OK:
+                c["consecutive_failures"] = 0
+                if group["basis"] == "tracked":
+                    m, n = slot.mshape
+                    r = ms.tracked_rank(slot.mshape, group)
+                    basis = result.basis if result is not None and result.basis is not None else extra
+                    device = slot.local().device
+                    tr = meta.setdefault("tracked", {})
+                    tr["basis"] = (
+                        basis.detach().reshape(n, r).to(device, compute_dtype(slot.local().dtype)).clone()
+                    )
+                    tr["step"] = int(tr.get("step", 0)) + 1
+            else:
+                c["decomposition_failures"] += 1
+                c["consecutive_failures"] += 1
+                c["fallbacks"] += 1
+            if D is not None and D.numel():
+                lr, wd = group["lr"], group["weight_decay"]
+
+                def delta(x, D=D):
+                    if wd:
+                        x.mul_(1.0 - lr * wd)
+                    x.add_(D.to(x.device, x.dtype), alpha=-lr)
+
+                self._update(slot, delta)
+            return None
+        c["decomposition_failures"] += 1
+        c["consecutive_failures"] += 1
+        if status == ms.SKIP:
+            return None
+        if status == ms.RAISE:
+            if result is not None and result.exc is not None:
+                return result.exc
+            return DecompositionError(
+                f"the decomposition of {slot.key!r} failed {c['consecutive_failures']} times in a row on its "
+                f"owner rank {owner}; see that rank's error"
+            )
+        detail = f": {result.error}" if result is not None else "; see that rank's error"
+        return RuntimeError(
+            f"computing the direction of {slot.key!r} failed on its owner rank {owner}{detail}"
+        )
+
+    def adamw_slot(self, slot, g: torch.Tensor | None) -> None:
+        """AdamW on this rank's elements of a non-matrix parameter (counters on every rank)."""
+        meta = slot.meta()
+        c = self.counters(meta)
+        group = slot.group
+        c["consecutive_skips"] = 0
         c["steps"] += 1
-        t = st["adam_step"]
+        meta["adam_step"] = t = int(meta.get("adam_step", 0)) + 1
+        if g is None or g.numel() == 0:
+            return
+        cd = compute_dtype(slot.local().dtype)
+        ea = slot.buffer("exp_avg", cd)
+        eas = slot.buffer("exp_avg_sq", cd)
         b1, b2 = group["adamw_betas"]
-        lr = group["lr"] if group["adamw_lr"] is None else group["adamw_lr"]
-        g = grad.to(st["exp_avg"].dtype)
-        st["exp_avg"].lerp_(g, 1 - b1)
-        st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (st["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["adamw_eps"])
-        update = st["exp_avg"] / (1 - b1**t) / denom
-        if group["adamw_weight_decay"]:
-            p.mul_(1 - lr * group["adamw_weight_decay"])
-        p.add_(update.to(p.dtype), alpha=-lr)
+        lr = self.adamw_lr(group)
+        g = g.to(cd)
+        ea.lerp_(g, 1 - b1)
+        eas.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (eas / (1 - b2**t)).sqrt_().add_(group["adamw_eps"])
+        update = ea / (1 - b1**t) / denom
+        wd = group["adamw_weight_decay"]
+
+        def delta(x):
+            if wd:
+                x.mul_(1 - lr * wd)
+            x.add_(update.to(x.dtype), alpha=-lr)
+
+        self._update(slot, delta)
 
     # ------------------------------------------------------------------ step
+    def _get_engine(self):
+        if self._engine is None:
+            from ..distributed.engine import make_engine  # distributed code stays out of the math's imports
+
+            self._engine = make_engine(self, self._distributed)
+        return self._engine
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        matrix_jobs = []
-        for name, p, group in self.named_params():
-            if self.is_matrix(p, group):
-                matrix_jobs.append((name, p, group))
-            elif p.grad is not None:
-                self.adamw_step(p, p.grad, group, name)
-        self._engine.matrix_step(self, matrix_jobs)
+        for g in self.param_groups:  # a group added by a plain dict edit still gets its base lr
+            g.setdefault("base_lr", g["lr"])
+        self._get_engine().step(self)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------ state dict
+    def state_dict(self):
+        """torch.optim's state dict (state by parameter index, ``param_names`` in the groups). Every rank
+        holds the state of every parameter it has in its own layout (DTensors stay DTensors), so this needs
+        no collective and any rank's copy of a replicated (DDP) run is the whole state."""
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load a state dict, matching parameters by name when both sides know names (wrapper prefixes such as
+        ``module.`` are ignored), else by position; shapes and hyperparameters are validated and every error
+        names the parameter. State tensors keep their saved dtype (fp32 momentum of bf16 parameters stays
+        fp32) and follow the parameter's device and sharding."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        if (
+            not isinstance(state_dict, Mapping)
+            or "param_groups" not in state_dict
+            or "state" not in state_dict
+        ):
+            raise ValueError("not an optimizer state dict: it needs 'state' and 'param_groups'")
+        saved_groups = list(state_dict["param_groups"])
+        saved_state = state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
+                " (build the optimizer the same way, e.g. SpectralNewton.from_model on the same model)"
+            )
+        mapping = self._match_params(saved_groups)  # saved id -> (current param, name)
+        new_groups = []
+        for gi, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
+            merged = {**g, **{k: v for k, v in sg.items() if k not in _GROUP_META}}
+            if isinstance(merged.get("adamw_betas"), list):
+                merged["adamw_betas"] = tuple(merged["adamw_betas"])
+            merged.setdefault("base_lr", merged["lr"])
+            try:
+                validate_group(merged)
+            except ValueError as e:
+                names = g.get("param_names") or []
+                raise ValueError(
+                    f"param group {gi} ({', '.join(names[:3])}...) in the state dict: {e}"
+                ) from None
+            new_groups.append(merged)
+        new_state: dict = {}
+        for sid, entry in saved_state.items():
+            if sid not in mapping:
+                raise ValueError(
+                    f"the state dict has state for parameter {sid!r}, which no param group lists"
+                )
+            p, name, group = mapping[sid]
+            new_state[p] = self._load_param_state(p, name, group, entry)
+        for g, merged in zip(self.param_groups, new_groups):
+            params, names = g["params"], g.get("param_names")
+            g.clear()
+            g.update(merged)
+            g["params"] = params
+            if names is not None:
+                g["param_names"] = names
+        self.state.clear()
+        self.state.update(new_state)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _match_params(self, saved_groups) -> dict:
+        cur = [
+            (gi, p, n if n is not None else f"group{gi}.param{i}")
+            for gi, g in enumerate(self.param_groups)
+            for i, (n, p) in enumerate(zip(g.get("param_names") or [None] * len(g["params"]), g["params"]))
+        ]
+        named_here = all(g.get("param_names") is not None for g in self.param_groups)
+        saved = [
+            (gi, sid, n)
+            for gi, sg in enumerate(saved_groups)
+            for sid, n in zip(sg["params"], sg.get("param_names") or [None] * len(sg["params"]))
+        ]
+        fqn_keyed = any(isinstance(sid, str) for _, sid, _ in saved)  # torch DCP: already matched by FQN
+        by_name = not fqn_keyed and named_here and all(n is not None for *_, n in saved)
+        mapping = {}
+        if by_name:
+            want = {normalize_name(n): (gi, p, n) for gi, p, n in cur}
+            have = {normalize_name(n): (gi, sid, n) for gi, sid, n in saved}
+            missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+            if missing or unexpected:
+                raise ValueError(
+                    "the state dict's parameter names do not match this optimizer's: "
+                    f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                    f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} (wrapper prefixes such as "
+                    "'module.' are ignored); build the optimizer over the same parameters"
+                )
+            for key, (gi, sid, _) in have.items():
+                cgi, p, cname = want[key]
+                if cgi != gi:
+                    raise ValueError(
+                        f"parameter {cname!r} is in param group {cgi} here but in group {gi} in the state dict"
+                    )
+                mapping[sid] = (p, cname, self.param_groups[cgi])
+            return mapping
+        for gi, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"param group {gi} has {len(g['params'])} parameters here and {len(sg['params'])} in the "
+                    "state dict"
+                )
+        for (cgi, p, n), (_, sid, _) in zip(cur, saved):
+            mapping[sid] = (p, n, self.param_groups[cgi])
+        return mapping
+
+    def _load_param_state(self, p, name, group, entry) -> dict:
+        from ..distributed.describe import is_dtensor
+
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"state of parameter {name!r} must be a dict, got {type(entry).__name__}")
+        out = {}
+        for k, v in entry.items():
+            if k == "tracked":
+                out[k] = self._load_tracked(p, name, group, v)
+            elif isinstance(v, torch.Tensor):
+                if tuple(v.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"state {k!r} of parameter {name!r} has shape {tuple(v.shape)}, the parameter "
+                        f"{tuple(p.shape)}"
+                    )
+                if not v.is_floating_point():
+                    raise ValueError(
+                        f"state {k!r} of parameter {name!r} must be floating point, got {v.dtype}"
+                    )
+                if is_dtensor(p):
+                    out[k] = self._as_dtensor_like(p, v, name, k)
+                elif is_dtensor(v):
+                    raise ValueError(
+                        f"state {k!r} of parameter {name!r} is sharded (DTensor) but the parameter is not: load it "
+                        "with torch.distributed.checkpoint's set_optimizer_state_dict, or gather it first"
+                    )
+                else:
+                    out[k] = v.detach().to(p.device).clone()
+            elif isinstance(v, Mapping):
+                out[k] = {
+                    kk: (vv.detach().clone() if isinstance(vv, torch.Tensor) else vv) for kk, vv in v.items()
+                }
+            else:
+                out[k] = v
+        return out
+
+    @staticmethod
+    def _as_dtensor_like(p, v, name, key):
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if isinstance(v, DTensor):
+            if v.device_mesh != p.device_mesh or tuple(v.placements) != tuple(p.placements):
+                v = v.redistribute(p.device_mesh, p.placements)  # collective: every rank loads together
+            return DTensor.from_local(
+                v.to_local().detach().to(p.to_local().device).clone(),
+                p.device_mesh,
+                p.placements,
+                shape=p.shape,
+                stride=p.stride(),
+            )
+        # a full tensor (every rank has all of it): keep this rank's part, no communication
+        return distribute_tensor(
+            v.detach().to(p.to_local().device), p.device_mesh, p.placements, src_data_rank=None
+        )
+
+    def _load_tracked(self, p, name, group, v):
+        if not isinstance(v, Mapping):
+            raise ValueError(f"tracked state of parameter {name!r} must be a dict")
+        out = dict(v)
+        basis = v.get("basis")
+        if basis is not None:
+            m = int(p.shape[0])
+            n = p.numel() // max(1, m)
+            r = ms.tracked_rank((m, n), group)
+            if tuple(basis.shape) != (n, r):
+                raise ValueError(
+                    f"tracked basis of parameter {name!r} has shape {tuple(basis.shape)}, expected {(n, r)} "
+                    f"(rank={group['rank']})"
+                )
+            dev = p.to_local().device if hasattr(p, "to_local") else p.device
+            out["basis"] = basis.detach().to(dev).clone()
+        return out

@@ -446,24 +446,16 @@ class CurvatureProbe:
             return [svd(s, g.detach()) for s, g in zip(specs, grads)]
         import torch.distributed as dist
 
+        from ..distributed.describe import describe
         from ..distributed.exchange import comm_device, gather_to_owners
-        from ..distributed.layout import MatrixLayout, build_plan
+        from ..distributed.layout import build_plan
 
         layout, group = self.layout, self.layout.group
         world = layout.world_size
-        rows = [layout.rows(s["param"]) for s in specs]
-        everyone: list = [None] * world
-        dist.all_gather_object(everyone, rows, group=group)
-        layouts = []
-        for i, s in enumerate(specs):
-            shape = tuple(s["param"].shape)
-            m, cols = shape[0], math.prod(shape[1:])
-            layouts.append(
-                MatrixLayout(s["name"], (m, cols), [[(r[i][0] * cols, r[i][1] * cols)] for r in everyone])
-            )
-        plan = build_plan(layouts, world)
+        ranks = dist.get_process_group_ranks(group) if group is not None else None
+        plan = build_plan([describe(s["name"], s["param"], world, ranks) for s in specs], world)
         full = gather_to_owners(
-            plan, {s["name"]: [g.detach()] for s, g in zip(specs, grads)}, group, dtype=torch.float64
+            plan, {s["name"]: g.detach() for s, g in zip(specs, grads)}, group, dtype=torch.float64
         )
         shapes = []
         for s in specs:

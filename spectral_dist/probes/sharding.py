@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..distributed.engine import _is_dtensor, _local_rows
+from ..distributed.describe import is_dtensor as _is_dtensor
+from ..distributed.describe import row_block as _local_rows
 from .hvp import local_grads
 from .lanczos import VectorSpace
 

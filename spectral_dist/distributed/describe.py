@@ -1,0 +1,167 @@
+"""``describe``: which elements of a parameter each rank holds, for plain tensors and DTensors of any placement.
+
+This is the one place that works out "where this rank's data sits" for the optimizer, the probes and the
+sketches. The result is a :class:`~spectral_dist.distributed.layout.MatrixLayout` over the ranks of a process
+group: for every rank, the pieces of the row-major flattened full tensor it holds, in the order of its local
+data (``local_tensor(p).reshape(-1)``). No communication: every rank computes every rank's pieces from the
+device mesh and the placements, so all ranks derive the same layout.
+
+* plain tensor: replicated, every rank holds all of it (DDP, or no wrapper);
+* DTensor: ``Shard(d)`` / ``_StridedShard`` / ``Replicate`` on each mesh dimension, applied left to right as
+  DTensor does (FSDP2 ``Shard(0)``, TP ``Shard(0)`` colwise and ``Shard(1)`` rowwise, FSDP over TP
+  ``_StridedShard``, HSDP replicate x shard). Uneven and empty shards are what DTensor makes them.
+  ``Partial`` placements are refused (a parameter is never a pending reduction).
+
+ZeRO flat partitions are described by the DeepSpeed integration (its partitions are not DTensors).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from .layout import MatrixLayout, compress_runs
+
+__all__ = ["describe", "dtensor_index_sets", "is_dtensor", "local_tensor", "box_pieces"]
+
+
+def is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return False
+    return isinstance(t, DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` this rank holds: the local shard of a DTensor (a view: in-place ops update it)."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _shard_offsets(size: int, num_chunks: int, coord: int, placement, previous):
+    """Global indices (in local order) along one tensor dim after sharding it over one more mesh dim."""
+    from torch.distributed.tensor._utils import _get_shard_size_and_offsets
+
+    shard_size, index = _get_shard_size_and_offsets(size, num_chunks, coord, placement, previous, size, False)
+    if shard_size == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return index.reshape(-1).to(torch.long)
+
+
+def dtensor_index_sets(shape, mesh_shape, coord, placements, name: str = "parameter") -> list:
+    """Per tensor dim, the global indices (local order) held at mesh coordinate ``coord``; None = all."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    idx: list = [None] * len(shape)
+    sizes = list(shape)
+    for mesh_dim, pl in enumerate(placements):
+        if isinstance(pl, Replicate):
+            continue
+        if not isinstance(pl, (Shard, _StridedShard)):  # anything else is Partial or unknown
+            raise ValueError(
+                f"parameter {name!r} has placement {pl} on mesh dim {mesh_dim}: parameters must be Shard or "
+                "Replicate (a Partial parameter is a pending reduction; redistribute it first)"
+            )
+        d = pl.dim if pl.dim >= 0 else pl.dim + len(shape)
+        prev = idx[d]
+        off = _shard_offsets(sizes[d], int(mesh_shape[mesh_dim]), int(coord[mesh_dim]), pl, prev)
+        idx[d] = off
+        sizes[d] = int(off.numel())
+    return idx
+
+
+def box_pieces(shape, idx) -> list:
+    """Pieces (local order) of the row-major flattened ``shape`` for the index box ``idx`` (per dim a 1-D
+    index tensor or None for the whole dim)."""
+    shape = [int(s) for s in shape]
+    nd = len(shape)
+    if nd == 0:
+        return compress_runs([(0, 1)])
+    lists = [
+        list(range(shape[d])) if idx[d] is None else [int(i) for i in idx[d].tolist()] for d in range(nd)
+    ]
+    if any(len(x) == 0 for x in lists):
+        return []
+    full = [idx[d] is None or lists[d] == list(range(shape[d])) for d in range(nd)]
+    k = max((d for d in range(nd) if not full[d]), default=-1)
+    if k == -1:
+        return compress_runs([(0, math.prod(shape))])
+    strides = [math.prod(shape[d + 1 :]) for d in range(nd)]
+    segs: list[list[int]] = []
+    for i in lists[k]:
+        if segs and segs[-1][0] + segs[-1][1] == i:
+            segs[-1][1] += 1
+        else:
+            segs.append([i, 1])
+    runs = []
+    for outer in itertools.product(*lists[:k]):
+        base = sum(o * strides[d] for d, o in enumerate(outer))
+        for s, n in segs:
+            runs.append((base + s * strides[k], n * strides[k]))
+    return compress_runs(runs)
+
+
+def _mesh_coordinates(mesh, world_size: int, group_ranks: list[int] | None) -> list:
+    """Per rank of the process group, its coordinate in ``mesh`` (None when it is not in the mesh)."""
+    grid = mesh.mesh
+    coords: dict[int, tuple] = {}
+    for pos in itertools.product(*(range(s) for s in grid.shape)):
+        coords[int(grid[pos])] = pos
+    ranks = group_ranks if group_ranks is not None else list(range(world_size))
+    return [coords.get(g) for g in ranks]
+
+
+def describe(
+    name: str, p: torch.Tensor, world_size: int, group_ranks: list[int] | None = None
+) -> MatrixLayout:
+    """The layout of ``p`` (full shape) over a process group of ``world_size`` ranks.
+
+    Args:
+        name: key of the layout (the parameter's FQN), identical on every rank.
+        p: a plain tensor (replicated on every rank) or a DTensor.
+        world_size: size of the process group the layout is for.
+        group_ranks: global ranks of the group's members in group-rank order (None: the default group).
+    """
+    shape = tuple(int(s) for s in p.shape)
+    numel = math.prod(shape)
+    if not is_dtensor(p):
+        return MatrixLayout(name, shape, [[(0, numel)] for _ in range(world_size)])
+    mesh = p.device_mesh
+    coords = _mesh_coordinates(mesh, world_size, group_ranks)
+    cache: dict[tuple, list] = {}
+    slices = []
+    for c in coords:
+        if c is None:
+            slices.append([])
+            continue
+        key = tuple(c[d] for d, pl in enumerate(p.placements) if not pl.is_replicate())
+        if key not in cache:
+            cache[key] = box_pieces(shape, dtensor_index_sets(shape, mesh.shape, c, p.placements, name))
+        slices.append(cache[key])
+    return MatrixLayout(name, shape, slices)
+
+
+def row_block(name: str, p: torch.Tensor) -> tuple[int, int] | None:
+    """(first row, number of rows) this rank holds of a DTensor that is a row block here (FSDP2 ``Shard(0)``,
+    ``Replicate``), None for a plain tensor; a clear error for placements that are not row blocks (TP
+    ``Shard(1)``, strided shards), for the code that needs row blocks (the probes' sharded vectors)."""
+    if not is_dtensor(p):
+        return None
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    lay = describe(name, p, dist.get_world_size())
+    pieces = lay.slices[rank]
+    row = math.prod(p.shape[1:]) if p.ndim > 1 else 1
+    if not pieces:
+        return 0, 0
+    if len(pieces) != 1 or pieces[0].count != 1 or pieces[0].offset % row or pieces[0].length % row:
+        raise ValueError(
+            f"parameter {name!r} has placements {p.placements} on a {p.device_mesh.ndim}-D mesh: this rank does not "
+            "hold a block of whole rows, which the curvature probes and sketches need (FSDP2 Shard(0) or "
+            "Replicate); probe a copy of the model gathered with full_tensor(), or without tensor parallelism"
+        )
+    return pieces[0].offset // row, pieces[0].length // row
