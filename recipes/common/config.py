@@ -68,6 +68,7 @@ class TrainConfig:
     run_name: str | None = None
     wandb_group: str | None = None
     progress: bool = True
+    kill_at_step: int = 0  # testing kill/resume: every process SIGKILLs itself after this step (0: never)
 
     def validate(self) -> None:
         validate_train_config(self)

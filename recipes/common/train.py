@@ -9,8 +9,11 @@ checkpoint (``accelerator.save_state``) holds model, optimizer, scheduler, every
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,12 +69,76 @@ class TrainState:
         self.step = 0
         self.wandb_id = None
         self.best = None
+        self.wandb_segments: list[str] = []
 
     def state_dict(self):
-        return {"step": self.step, "wandb_id": self.wandb_id, "best": self.best}
+        return {
+            "step": self.step,
+            "wandb_id": self.wandb_id,
+            "best": self.best,
+            "wandb_segments": list(self.wandb_segments),
+        }
 
     def load_state_dict(self, sd):
         self.step, self.wandb_id, self.best = int(sd["step"]), sd.get("wandb_id"), sd.get("best")
+        self.wandb_segments = list(sd.get("wandb_segments") or [])
+
+
+RUN_INFO = "run_info.json"  # beside each checkpoint: how it was written, read before anything is loaded
+
+
+def _run_info(cfg, accelerator) -> dict:
+    return {
+        "world_size": accelerator.num_processes,
+        "global_batch": cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "distributed_type": str(accelerator.distributed_type),
+    }
+
+
+def _family(distributed_type: str) -> str:
+    """Distributed types whose accelerate checkpoints share a format (one process and DDP: whole tensors)."""
+    for fam in ("FSDP", "DEEPSPEED", "MEGATRON"):
+        if fam in distributed_type:
+            return fam
+    return "REPLICATED"
+
+
+def check_resume(ckpt: Path, cfg, accelerator) -> None:
+    """Refuse a checkpoint this run cannot continue exactly, saying what to change.
+
+    The data order depends on the global batch only, and SpectralNewton's state has each parameter's own
+    layout, so DDP and FSDP checkpoints resume exactly at another process count when the global batch is the
+    same; DeepSpeed ZeRO partitions its optimizer state by process count."""
+    path = Path(ckpt, RUN_INFO)
+    if not path.exists():
+        return  # written before run_info existed
+    saved, now = json.loads(path.read_text()), _run_info(cfg, accelerator)
+    if saved["global_batch"] != now["global_batch"]:
+        want = saved["global_batch"] // (cfg.grad_accum * accelerator.num_processes)
+        hint = (
+            f"--batch_size {want}"
+            if want * cfg.grad_accum * accelerator.num_processes == saved["global_batch"]
+            else f"{saved['world_size']} processes with --batch_size {saved['batch_size']}"
+        )
+        raise ValueError(
+            f"{ckpt} was written with a global batch of {saved['global_batch']} ({saved['batch_size']} x "
+            f"{saved['grad_accum']} accumulation x {saved['world_size']} processes); this run's is "
+            f"{now['global_batch']}. The data order and the optimizer's trajectory depend on it: resume with "
+            f"{hint} (or start a new run without --resume)"
+        )
+    if _family(saved["distributed_type"]) != _family(now["distributed_type"]):
+        raise ValueError(
+            f"{ckpt} was written under {saved['distributed_type']}, this run is {now['distributed_type']}: their "
+            "checkpoint formats differ; resume with the accelerate config that wrote it"
+        )
+    if "DEEPSPEED" in now["distributed_type"] and saved["world_size"] != now["world_size"]:
+        raise ValueError(
+            f"{ckpt} was written by {saved['world_size']} DeepSpeed processes, this run has {now['world_size']}: "
+            f"ZeRO partitions the optimizer state by process count; resume with --num_processes "
+            f"{saved['world_size']}"
+        )
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -122,9 +189,13 @@ def evaluate(cfg, task: Task, accelerator: Accelerator, model) -> dict:
     return task.eval_metrics(dict(zip(keys, vec.tolist())))
 
 
-def _save(accelerator, cfg, state: TrainState):
+def _save(accelerator, cfg, state: TrainState, logger=None):
     path = Path(cfg.output_dir, "checkpoints", f"step_{state.step}")
+    if logger is not None:  # make every row logged so far durable, and remember the finished W&B segments
+        state.wandb_segments = logger.checkpoint()
     accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        Path(path, RUN_INFO).write_text(json.dumps(_run_info(cfg, accelerator) | {"step": state.step}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and cfg.keep_checkpoints > 0:
         ckpts = sorted(path.parent.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
@@ -150,10 +221,13 @@ def train(cfg, task: Task) -> dict:
     accelerator.register_for_checkpointing(scheduler, state)
     diagnostics = RecipeDiagnostics(cfg, accelerator, model, task, matrices)  # registers checkpointed state
 
+    resumed = False
     if cfg.resume:
         ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume in ("latest", "auto") else Path(cfg.resume)
         if ckpt is not None and ckpt.is_dir():
+            check_resume(ckpt, cfg, accelerator)
             accelerator.load_state(str(ckpt))
+            resumed = True
             accelerator.print(f"resumed from {ckpt} at step {state.step}")
         elif cfg.resume != "auto":
             raise FileNotFoundError(
@@ -180,6 +254,8 @@ def train(cfg, task: Task) -> dict:
             config=run_cfg,
             mode=cfg.wandb_mode,
             resume_id=state.wandb_id,
+            resume_step=state.step if resumed else None,
+            segments=state.wandb_segments,
         )
         state.wandb_id = logger.run_id
 
@@ -261,7 +337,10 @@ def train(cfg, task: Task) -> dict:
         diagnostics.maybe_log(state.step, last)
 
         if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or last:
-            _save(accelerator, cfg, state)
+            _save(accelerator, cfg, state, logger)
+
+        if cfg.kill_at_step and state.step == cfg.kill_at_step:  # test hook: a node failure, no clean-up
+            os.kill(os.getpid(), signal.SIGKILL)
 
     if progress is not None:
         progress.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -38,6 +39,24 @@ class JsonlLogger:
         rec.update({str(k): _clean(v) for k, v in metrics.items()})
         self._fh.write(json.dumps(rec, sort_keys=False) + "\n")
         self._fh.flush()
+
+    def sync(self) -> None:
+        """Flush and fsync: the rows written so far survive a killed process or a lost node."""
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def truncate_after(self, step: int) -> int:
+        """Drop the rows of steps after ``step`` (and summary rows): what a run killed after its checkpoint at
+        ``step`` logged before it died, which the resumed run logs again. Returns the number of rows dropped."""
+        self._fh.close()
+        rows = read_jsonl(self.path) if self.path.exists() else []
+        keep = [r for r in rows if r.get("step") is not None and r["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._fh = open(self.path, "a", encoding="utf-8")
+        return len(rows) - len(keep)
 
     def close(self) -> None:
         if not self._fh.closed:

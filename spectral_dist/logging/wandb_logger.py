@@ -22,6 +22,7 @@ __all__ = [
     "wandb_mode",
     "RunLogger",
     "read_offline_run",
+    "read_wandb_run",
     "find_offline_runs",
     "wait_for_offline_run",
 ]
@@ -68,6 +69,15 @@ class RunLogger:
         config: the full run config (logged to W&B, and to ``output_dir/config.json``).
         mode: ``online``/``offline``/``disabled``; default from :func:`wandb_mode`.
         resume_id: W&B run id to continue (a resumed recipe passes the id it saved).
+        resume_step: the step of the checkpoint a resumed run starts from: rows a killed run logged after it
+            are dropped from the JSONL, and its unfinished W&B segments are set aside (``*.abandoned``), so
+            the resumed run's logs have no gap and no duplicate rows.
+        segments: the W&B segments (offline-run folder names) finished at that checkpoint.
+
+    Surviving a kill: :meth:`checkpoint` (call it when the run saves a checkpoint) fsyncs the JSONL and
+    finishes the current W&B run segment, waiting for W&B's writer, then continues the same run id in a new
+    segment; a kill loses nothing logged up to the last checkpoint. Offline, :func:`read_wandb_run` reads the
+    finished segments of a run in order.
     """
 
     def __init__(
@@ -80,6 +90,8 @@ class RunLogger:
         tags: list[str] | None = None,
         mode: str | None = None,
         resume_id: str | None = None,
+        resume_step: int | None = None,
+        segments: list[str] | None = None,
     ):
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -87,24 +99,56 @@ class RunLogger:
         self.config.setdefault("git_sha", git_sha())
         (self.output_dir / "config.json").write_text(json.dumps(self.config, indent=2, default=str) + "\n")
         self.jsonl = JsonlLogger(self.output_dir / "metrics.jsonl")
+        if resume_step is not None:
+            self.jsonl.truncate_after(resume_step)
         self.mode = wandb_mode(mode)
+        self.segments = list(segments or [])
         self.run = None
+        self._init_args = dict(project=project, name=name, group=group, tags=tags)
         if self.mode != "disabled":
-            import wandb
-
-            self.run = wandb.init(
-                project=project,
-                name=name,
-                group=group,
-                tags=tags,
-                config=self.config,
-                dir=str(self.output_dir),
-                mode=self.mode,
-                id=resume_id,
-                resume="allow" if resume_id else None,
-                settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
-            )
+            if resume_id is not None and self.mode == "offline":
+                for d in find_offline_runs(self.output_dir):
+                    if d.name.endswith(f"-{resume_id}") and d.name not in self.segments:
+                        d.rename(d.with_name(d.name + ".abandoned"))  # a killed segment: rows after the ckpt
+            self._start(resume_id)
         self.run_id = self.run.id if self.run is not None else None
+
+    def _start(self, run_id: str | None) -> None:
+        import wandb
+
+        # W&B names offline segments by the second they start in: never start two in the same second
+        while int(time.time()) == int(getattr(self, "_started_at", 0)):
+            time.sleep(0.05)
+        self._started_at = time.time()
+        self.run = wandb.init(
+            **self._init_args,
+            config=self.config,
+            dir=str(self.output_dir),
+            mode=self.mode,
+            id=run_id,
+            resume="allow" if run_id else None,
+            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
+        )
+
+    def _finish_segment(self, timeout: float) -> None:
+        run_dir = Path(self.run.dir).parent  # .../offline-run-*/files -> .../offline-run-*
+        self.run.finish()
+        self.run = None
+        if self.mode == "offline":
+            if not wait_for_offline_run(run_dir, timeout):
+                raise TimeoutError(
+                    f"W&B's writer did not finish {run_dir} within {timeout:.0f} s; its rows may be incomplete"
+                )
+            self.segments.append(run_dir.name)
+
+    def checkpoint(self, timeout: float = 60.0) -> list[str]:
+        """Make everything logged so far durable (see the class docstring); returns the finished segments
+        (store them with the checkpoint and pass them back as ``segments`` on resume)."""
+        self.jsonl.sync()
+        if self.run is not None:
+            self._finish_segment(timeout)
+            self._start(self.run_id)
+        return list(self.segments)
 
     def log(self, metrics: dict, step: int) -> None:
         """Log scalars at ``step`` (to JSONL and W&B)."""
@@ -147,16 +191,13 @@ class RunLogger:
             for k, v in values.items():
                 self.run.summary[k] = v
 
-    def finish(self, timeout: float = 30.0) -> None:
+    def finish(self, timeout: float = 60.0) -> None:
         """Close the JSONL log and the W&B run; offline, wait until the run file holds its exit record
-        (``wandb.finish`` can return before W&B's writer process has flushed the file)."""
+        (``wandb.finish`` can return before W&B's writer process has flushed the file) and raise if it does
+        not within ``timeout``."""
         self.jsonl.close()
         if self.run is not None:
-            run_dir = Path(self.run.dir).parent  # .../offline-run-*/files -> .../offline-run-*
-            self.run.finish()
-            self.run = None
-            if self.mode == "offline":
-                wait_for_offline_run(run_dir, timeout)
+            self._finish_segment(timeout)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -204,11 +245,13 @@ def _item_key(item) -> str:
     return "/".join(item.nested_key) if len(item.nested_key) else item.key
 
 
-def read_offline_run(path: str | Path) -> dict:
+def read_offline_run(path: str | Path, require_exit: bool = True) -> dict:
     """Parse an offline run (a ``run-*.wandb`` file or the ``offline-run-*`` folder holding one).
 
     Returns ``{"history": [row, ...], "config": {...}, "summary": {...}, "run_id": str}``; each history row
-    maps metric keys to decoded values (``_step`` included).
+    maps metric keys to decoded values (``_step`` included). A file without its exit record (W&B's writer
+    still running, or killed) raises ValueError unless ``require_exit=False``: a read must not silently stop
+    at a half-written tail.
     """
     from wandb.proto import wandb_internal_pb2 as pb
 
@@ -218,12 +261,14 @@ def read_offline_run(path: str | Path) -> dict:
         if not files:
             raise FileNotFoundError(f"no run-*.wandb file in {path}")
         path = files[0]
-    history, config, summary, run_id = [], {}, {}, None
+    history, config, summary, run_id, exited = [], {}, {}, None, False
     for raw in _records(path):
         rec = pb.Record()
         rec.ParseFromString(raw)
         kind = rec.WhichOneof("record_type")
-        if kind == "history":
+        if kind == "exit":
+            exited = True
+        elif kind == "history":
             history.append({_item_key(i): json.loads(i.value_json) for i in rec.history.item})
         elif kind == "config":
             for i in rec.config.update:
@@ -235,7 +280,31 @@ def read_offline_run(path: str | Path) -> dict:
             run_id = rec.run.run_id
             for i in rec.run.config.update:
                 config[_item_key(i)] = json.loads(i.value_json)
+    if require_exit and not exited:
+        raise ValueError(
+            f"{path} has no exit record: W&B's writer has not finished it (call RunLogger.finish or "
+            "wait_for_offline_run first) or the run was killed; pass require_exit=False to read what is there"
+        )
     return {"history": history, "config": config, "summary": summary, "run_id": run_id}
+
+
+def read_wandb_run(output_dir: str | Path, run_id: str | None = None) -> dict:
+    """All finished offline segments of one run under ``output_dir`` (see :meth:`RunLogger.checkpoint`), in
+    order: the history rows concatenated, config and summary of the last segment. Segments set aside as
+    ``*.abandoned`` (a killed run's rows after its last checkpoint) are ignored."""
+    runs = [d for d in find_offline_runs(output_dir) if run_id is None or d.name.endswith(f"-{run_id}")]
+    if not runs:
+        raise FileNotFoundError(f"no finished W&B offline run under {output_dir}")
+    ids = {d.name.rsplit("-", 1)[-1] for d in runs}
+    if len(ids) > 1:
+        raise ValueError(f"{output_dir} holds several W&B runs {sorted(ids)}: pass run_id")
+    merged = {"history": [], "config": {}, "summary": {}, "run_id": ids.pop(), "segments": len(runs)}
+    for d in runs:
+        part = read_offline_run(d)
+        merged["history"].extend(part["history"])
+        merged["config"].update(part["config"])
+        merged["summary"].update(part["summary"])
+    return merged
 
 
 def _has_exit(path: Path) -> bool:
@@ -265,5 +334,7 @@ def wait_for_offline_run(run_dir: str | Path, timeout: float = 30.0) -> bool:
 
 
 def find_offline_runs(root: str | Path) -> list[Path]:
-    """All ``offline-run-*`` folders under ``root`` (sorted)."""
-    return sorted(p for p in Path(root).rglob("offline-run-*") if p.is_dir())
+    """All ``offline-run-*`` folders under ``root`` (sorted: by start time), without abandoned segments."""
+    return sorted(
+        p for p in Path(root).rglob("offline-run-*") if p.is_dir() and not p.name.endswith(".abandoned")
+    )
