@@ -108,7 +108,7 @@ def load_runs(paths, prefer: str = "jsonl") -> list[Run]:
         wandb_dirs = sorted(
             d
             for d in ([p] if p.name.startswith("offline-run-") else []) + list(p.rglob("offline-run-*"))
-            if d.is_dir()
+            if d.is_dir() and not d.name.endswith(".abandoned")  # a killed run's rows after its checkpoint
         )
         owners = {}
         for w in wandb_dirs:  # output_dir/wandb/offline-run-* belongs to output_dir

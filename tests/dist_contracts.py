@@ -22,8 +22,15 @@ INF_AT = 2  # the step whose gradient gets an Inf
 
 
 def _opt(model, engine=None):
-    return SpectralNewton(model.named_parameters(), lr=0.02, momentum=0.9, weight_decay=0.01,
-                          adamw_lr=0.01, adamw_weight_decay=0.01, engine=engine)
+    return SpectralNewton(
+        model.named_parameters(),
+        lr=0.02,
+        momentum=0.9,
+        weight_decay=0.01,
+        adamw_lr=0.01,
+        adamw_weight_decay=0.01,
+        engine=engine,
+    )
 
 
 def _sched(opt):
@@ -81,8 +88,12 @@ def contracts_worker(rank, world):
         out[f"schedule_{mode}"] = max_rel_err(got, _reference()) if rank == 0 else None
         dist.barrier()
     # 2. an Inf in one shard / on one rank: the parameter skips that step on every rank
-    for mode, name in (("fsdp2", "norm.weight"), ("fsdp2", "fc1.weight"), ("ddp", "fc2.weight"),
-                       ("ddp", "norm.bias")):
+    for mode, name in (
+        ("fsdp2", "norm.weight"),
+        ("fsdp2", "fc1.weight"),
+        ("ddp", "fc2.weight"),
+        ("ddp", "norm.bias"),
+    ):
         model = make_model()
         wrapped, inner = wrap(model, mode)
         opt = _opt(inner)
@@ -125,7 +136,9 @@ def _owner_error(rank, world):
     opt = _opt(inner)
     x, y = batch(0)
     per = GLOBAL_BATCH // world
-    nn.functional.mse_loss(wrapped(x[rank * per : (rank + 1) * per]), y[rank * per : (rank + 1) * per]).backward()
+    nn.functional.mse_loss(
+        wrapped(x[rank * per : (rank + 1) * per]), y[rank * per : (rank + 1) * per]
+    ).backward()
     opt.step()  # builds the plan
     target = "fc1.weight"
     owner = opt._engine.plan.owner(target)
@@ -141,8 +154,9 @@ def _owner_error(rank, world):
     errors = []
     try:
         for _ in range(ms.MAX_DECOMPOSITION_FAILURES):
-            nn.functional.mse_loss(wrapped(x[rank * per : (rank + 1) * per]),
-                                   y[rank * per : (rank + 1) * per]).backward()
+            nn.functional.mse_loss(
+                wrapped(x[rank * per : (rank + 1) * per]), y[rank * per : (rank + 1) * per]
+            ).backward()
             try:
                 opt.step()
                 errors.append(None)

@@ -157,6 +157,22 @@ def _zero_info(trainer, opt) -> dict | None:
     return {"wrapper": wrapper, "world": layout.world, "owners": dict(opt._engine.plan.owners)}
 
 
+class _KillAt:
+    """A TrainerCallback that SIGKILLs the process at the end of a step (before that step's checkpoint)."""
+
+    def __init__(self, step: int):
+        from transformers import TrainerCallback
+
+        self.step = step
+        self.__class__ = type("KillAt", (_KillAt, TrainerCallback), {})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def main(
     out_dir: str,
     report_to=("wandb",),
@@ -187,6 +203,9 @@ def main(
         engine
     ):  # a DeepSpeed config; use_cpu=True would make the Trainer drop DeepSpeed (DS_ACCELERATOR=cpu)
         extra = dict(deepspeed=engine, use_cpu=False)
+    save_steps = int(os.environ.get("HF_TEST_SAVE_STEPS", "0"))  # kill/resume tests
+    if save_steps:
+        extra.update(save_strategy="steps", save_steps=save_steps)
     args = make_args(out / "trainer", per_device_batch=BATCH // world, report_to=list(report_to), **extra)
     model = make_model()
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -198,7 +217,10 @@ def main(
         callbacks=[cb] if cb is not None else None,
         spectral_options=spectral_options,
     )
-    trainer.train()
+    kill_at = int(os.environ.get("HF_TEST_KILL_AT", "0"))
+    if kill_at:
+        trainer.add_callback(_KillAt(kill_at))
+    trainer.train(resume_from_checkpoint=True if os.environ.get("HF_TEST_RESUME") == "1" else None)
     rank = dist.get_rank() if dist.is_initialized() else 0
     opt = trainer.spectral_optimizer()
     final = _full_parameters(trainer)

@@ -87,7 +87,9 @@ def test_load_state_dict_matches_parameters_by_name():
     for n in ("a", "b"):  # same shapes: matching by position would swap the momenta
         assert torch.equal(dst.state[dp[n]]["momentum_buffer"], src.state[sp[n]]["momentum_buffer"]), n
     # the loaded state is a copy: stepping one optimizer leaves the other alone
-    assert dst.state[dp["a"]]["momentum_buffer"].data_ptr() != src.state[sp["a"]]["momentum_buffer"].data_ptr()
+    assert (
+        dst.state[dp["a"]]["momentum_buffer"].data_ptr() != src.state[sp["a"]]["momentum_buffer"].data_ptr()
+    )
 
 
 def test_load_state_dict_ignores_wrapper_prefixes_and_rejects_other_names():
@@ -135,8 +137,10 @@ def test_load_keeps_fp32_state_of_bf16_parameters():
 def test_rejected_add_param_group_leaves_the_optimizer_as_it_was():
     W = nn.Parameter(torch.randn(4, 3))
     opt = SpectralNewton([W], lr=0.01)
-    for bad in ({"params": [nn.Parameter(torch.randn(3, 3))], "momentum": 1.5},
-                {"params": [nn.Parameter(torch.randn(3))], "spectral": True}):
+    for bad in (
+        {"params": [nn.Parameter(torch.randn(3, 3))], "momentum": 1.5},
+        {"params": [nn.Parameter(torch.randn(3))], "spectral": True},
+    ):
         with pytest.raises(ValueError):
             opt.add_param_group(bad)
         assert len(opt.param_groups) == 1
@@ -170,8 +174,11 @@ def test_bf16_master_weights_keep_small_updates():
     torch.manual_seed(0)
     W32 = torch.randn(64, 48)
     runs = {}
-    for name, dtype, master in (("fp32", torch.float32, True), ("master", torch.bfloat16, True),
-                                ("plain", torch.bfloat16, False)):
+    for name, dtype, master in (
+        ("fp32", torch.float32, True),
+        ("master", torch.bfloat16, True),
+        ("plain", torch.bfloat16, False),
+    ):
         W = nn.Parameter(W32.to(dtype).clone())
         ref = W32.to(dtype).float() if dtype == torch.bfloat16 else W32.clone()
         opt = SpectralNewton([W], lr=1e-4, master_weights=master)

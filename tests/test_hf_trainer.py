@@ -233,16 +233,70 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(launcher: list[str], out: Path, *script_args: str) -> list[dict]:
+def _launch(launcher: list[str], out: Path, *script_args: str, env_extra=None, expect_ok=True) -> list[dict]:
     """Run ``launcher tests/hf_trainer_script.py out *script_args`` (2 CPU processes); the per-rank results."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", **(env_extra or {})
+    )
     cmd = [*launcher, str(ROOT / "tests" / "hf_trainer_script.py"), str(out), *script_args]
     try:
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{launcher[0]} timed out: {(e.stderr or '')[-3000:]}")
+    if not expect_ok:
+        assert r.returncode != 0, "the run was expected to be killed"
+        return []
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     return [torch.load(out / f"rank{i}.pt", weights_only=False) for i in range(2)]
+
+
+def _ddp_launcher() -> list[str]:
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    return [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_trainer_kill_and_resume_is_exact(tmp_path, engine):
+    """Trainer checkpoints every 2 steps; every process SIGKILLs itself at step 3; ``train(
+    resume_from_checkpoint=True)`` in fresh processes ends with exactly the parameters of the uninterrupted
+    run (DDP: accelerate launch; ZeRO-2: torchrun with TrainingArguments(deepspeed=config))."""
+    cfg = str(ROOT / "configs" / "deepspeed" / "zero2_spectral_newton.json")
+    args = () if engine == "ddp" else (cfg,)
+    env = dict(WANDB_MODE="disabled", HF_TEST_SAVE_STEPS="2")
+    if engine == "ddp":
+        env["ACCELERATE_USE_CPU"] = "true"
+
+    def launcher():
+        return _ddp_launcher() if engine == "ddp" else [*_torchrun(), "--master_port", str(_free_port())]
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    full.mkdir(), killed.mkdir()
+    ref = _launch(launcher(), full, *args, env_extra=env)
+    _launch(launcher(), killed, *args, env_extra=dict(env, HF_TEST_KILL_AT="3"), expect_ok=False)
+    assert (killed / "trainer" / "checkpoint-2").is_dir() and not (
+        killed / "trainer" / "checkpoint-4"
+    ).exists()
+    got = _launch(launcher(), killed, *args, env_extra=dict(env, HF_TEST_RESUME="1"))
+    for rank in range(2):
+        assert got[rank]["stats"] == ref[rank]["stats"], rank
+        for n, p in ref[rank]["final"].items():
+            assert torch.equal(got[rank]["final"][n], p), (engine, rank, n)
+            assert not torch.equal(p, ref[rank]["init"][n]), n
 
 
 def _torchrun() -> list[str]:
