@@ -134,26 +134,15 @@ def local_runs(
 
 
 def _dtensor_parts(t: Any) -> tuple[torch.Tensor, list[tuple[int, int, int]]] | None:
-    """Local values and flat runs of a DTensor, or None when this rank must not contribute.
+    """Local values and the flat runs this rank contributes (:func:`spectral_dist.distributed.describe.
+    dtensor_runs`: any placement, strided shards included; replicated pieces count once, on their lowest
+    rank, so the sum over ranks is exact for HSDP-style meshes), or None when it contributes nothing."""
+    from ..distributed.describe import dtensor_runs
 
-    Ranks at a non-zero coordinate of a ``Replicate`` mesh dimension hold a copy of data another rank
-    sketches, so they contribute nothing; this keeps the sum over ranks exact for HSDP-style meshes.
-    """
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    mesh, placements = t.device_mesh, t.placements
-    coord = mesh.get_coordinate()
-    if coord is None:
+    if t.device_mesh.get_coordinate() is None:
         return None
-    for d, p in enumerate(placements):
-        if isinstance(p, Replicate) and coord[d] != 0:
-            return None
-    local = t.to_local()
-    shape, offset = compute_local_shape_and_global_offset(t.shape, mesh, placements)
-    if tuple(local.shape) != tuple(shape):
-        raise ValueError(f"DTensor local shape {tuple(local.shape)} does not match its placement {shape}")
-    return local, list(local_runs(tuple(t.shape), tuple(shape), tuple(offset)))
+    runs = dtensor_runs(t)
+    return (t.to_local(), runs) if runs else None
 
 
 def is_sharded(value: Any) -> bool:

@@ -165,3 +165,34 @@ def row_block(name: str, p: torch.Tensor) -> tuple[int, int] | None:
             "Replicate); probe a copy of the model gathered with full_tensor(), or without tensor parallelism"
         )
     return pieces[0].offset // row, pieces[0].length // row
+
+
+_RUNS_CACHE: dict = {}
+
+
+def dtensor_runs(t) -> list[tuple[int, int, int]]:
+    """``(local_start, global_start, length)`` runs of this rank's part of DTensor ``t`` that this rank
+    *contributes* to a sum over ranks: a piece held by several ranks (a replicate mesh dimension, HSDP) counts
+    once, on the lowest of them, so sums over ranks of per-rank partial results are exact (the sketches)."""
+    import torch.distributed as dist
+
+    mesh = t.device_mesh
+    key = (tuple(t.shape), tuple(mesh.mesh.flatten().tolist()), tuple(mesh.shape), tuple(t.placements))
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if key not in _RUNS_CACHE:
+        lay = describe("t", t, world)
+        first: dict = {}
+        for r in range(world):
+            for p in lay.slices[r]:
+                first.setdefault(p, r)
+        per_rank = []
+        for r in range(world):
+            runs, local = [], 0
+            for p in lay.slices[r]:
+                if first[p] == r:
+                    for i, (o, n) in enumerate(p.runs()):
+                        runs.append((local + i * p.length, o, n))
+                local += p.numel
+            per_rank.append(runs)
+        _RUNS_CACHE[key] = per_rank
+    return _RUNS_CACHE[key][rank]
