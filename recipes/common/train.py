@@ -5,11 +5,16 @@ A recipe builds a :class:`Task` (model, data, loss, eval) and calls :func:`train
 checkpoint (``accelerator.save_state``) holds model, optimizer, scheduler, every process's RNG states and a
 :class:`TrainState` with the step; the data position is ``step * grad_accum`` global micro-batches of the
 :class:`~common.data.ResumableSampler`, so the resumed run continues with the batch it would have seen.
+
+Resuming reads no code from the checkpoint unless ``--trust_checkpoint true``: see
+:func:`check_checkpoint_files`.
 """
 
 from __future__ import annotations
 
 import math
+import pickle
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -29,7 +34,7 @@ from .deepspeed import prepare_deepspeed
 from .diagnostics import RecipeDiagnostics, matrix_names
 from .optim import build_optimizer, warmup_cosine
 
-__all__ = ["Task", "TrainState", "train", "latest_checkpoint"]
+__all__ = ["Task", "TrainState", "train", "latest_checkpoint", "check_checkpoint_files"]
 
 
 @dataclass
@@ -77,6 +82,54 @@ class TrainState:
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     ckpts = sorted(Path(output_dir, "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
     return ckpts[-1] if ckpts else None
+
+
+def check_checkpoint_files(folder: str | Path, trust: bool = False, deepspeed: bool = False) -> None:
+    """Refuse (ValueError naming ``--trust_checkpoint``) a checkpoint whose loading would run code from it.
+
+    ``accelerator.load_state`` reads the model from safetensors and the optimizer, RNG states and sampler
+    with ``torch.load(weights_only=True)``, but the registered objects' state (``custom_checkpoint_*.pkl``:
+    scheduler, :class:`TrainState`, trajectory monitor) with ``weights_only=False``. This recipe writes only
+    tensors, numbers, strings and containers there, so each of those files is first read with
+    ``weights_only=True`` and refused if that fails. Loaders outside this project unpickle fully and cannot
+    be restricted from here: DeepSpeed's ``engine.load_checkpoint`` (``deepspeed``) and
+    ``torch.distributed.checkpoint`` (``.metadata``/``.distcp`` files of FSDP sharded state); those need
+    ``trust``. With ``trust`` nothing is checked.
+    """
+    if trust:
+        return
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    how = (
+        "Only resume from a checkpoint you trust (one you wrote, or whose author you trust), and say so with "
+    )
+    if deepspeed or any(p.name.endswith("_states.pt") for p in files):
+        raise ValueError(
+            f"--resume {folder}: refused. A DeepSpeed checkpoint is read by DeepSpeed's engine.load_checkpoint, "
+            "which unpickles its files fully (torch.load(weights_only=False)), so a checkpoint from elsewhere "
+            f"could run code as you; this recipe cannot restrict that loader. {how}--trust_checkpoint true."
+        )
+    dcp = [p for p in files if p.name == ".metadata" or p.suffix == ".distcp"]
+    if dcp:
+        raise ValueError(
+            f"--resume {folder}: refused. It holds torch.distributed.checkpoint files (FSDP sharded state: "
+            f"{', '.join(str(p.relative_to(folder)) for p in dcp[:3])}), whose metadata torch reads with a plain "
+            "pickle.load, so a checkpoint from elsewhere could run code as you; this recipe cannot restrict "
+            f"that loader. {how}--trust_checkpoint true."
+        )
+    for p in files:
+        if not (p.name.startswith("custom_checkpoint_") and p.suffix == ".pkl"):
+            continue
+        try:
+            torch.load(p, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f"it names the Python global {found.group(1)}" if found else "it is not weights only"
+            raise ValueError(
+                f"--resume {folder}: refused {p.name}: {what}. accelerate unpickles this file fully "
+                "(weights_only=False), which runs whatever code it names; the recipes write only tensors, "
+                f"numbers, strings and containers there. {how}--trust_checkpoint true."
+            ) from None
 
 
 def _move(batch, device):
@@ -153,6 +206,7 @@ def train(cfg, task: Task) -> dict:
     if cfg.resume:
         ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume in ("latest", "auto") else Path(cfg.resume)
         if ckpt is not None and ckpt.is_dir():
+            check_checkpoint_files(ckpt, cfg.trust_checkpoint, deepspeed=dist == DistributedType.DEEPSPEED)
             accelerator.load_state(str(ckpt))
             accelerator.print(f"resumed from {ckpt} at step {state.step}")
         elif cfg.resume != "auto":
