@@ -6,6 +6,9 @@
 
 Data: scikit-learn's digits upsampled to 32x32 RGB (default), or CIFAR-10 from its python-pickle folder
 (``cifar-10-batches-py`` with data_batch_1..5 and test_batch; reflect-pad-4 crop + flip augmentation).
+The batches are pickles by the data set's design: point ``--data_dir`` at a trusted copy (the official
+cifar-10-python.tar.gz). They are read with a restricted unpickler that rebuilds numpy arrays and refuses
+every other global, so a tampered file is refused instead of running code.
 
 Model: a CIFAR-style ResNet (3x3 stem, stages of basic blocks with BatchNorm, stride-2 between stages,
 global average pool, linear head). Conv kernels are the matrices SpectralNewton preconditions with
@@ -31,7 +34,7 @@ from common.train import train  # noqa: E402
 
 @dataclass
 class ResNetRecipeConfig(TrainConfig):
-    data_dir: str | None = None  # cifar-10-batches-py folder (or its parent)
+    data_dir: str | None = None  # cifar-10-batches-py folder (or its parent): a trusted copy
     width: int = 16  # channels of the first stage; doubled at each later stage
     stages: int = 3
     blocks: int = 1  # basic blocks per stage (ResNet-20: 3)

@@ -202,7 +202,7 @@ def launch_workers(out_dir: Path, timeout: float = 420) -> dict:
         pytest.fail(f"workers timed out after {timeout}s:\n" + (out_dir / "rank0.log").read_text()[-3000:])
     for r, p in enumerate(procs):
         assert p.returncode == 0, f"rank {r} failed:\n" + (out_dir / f"rank{r}.log").read_text()[-5000:]
-    return torch.load(out_dir / "result.pt", weights_only=False)
+    return torch.load(out_dir / "result.pt", weights_only=True)  # tensors, numbers, strings: written above
 
 
 def reference(steps: int = STEPS) -> list[dict[str, torch.Tensor]]:

@@ -247,7 +247,7 @@ def _launch(launcher: list[str], out: Path, *script_args: str, env_extra=None, e
         assert r.returncode != 0, "the run was expected to be killed"
         return []
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
-    return [torch.load(out / f"rank{i}.pt", weights_only=False) for i in range(2)]
+    return [torch.load(out / f"rank{i}.pt", weights_only=True) for i in range(2)]
 
 
 def _ddp_launcher() -> list[str]:
@@ -317,7 +317,7 @@ def _one_process(out: Path, spectral_options: dict | None = None) -> dict:
 
     out.mkdir()
     main(str(out), report_to=(), diagnostics=False, spectral_options=spectral_options)
-    ref = torch.load(out / "rank0.pt", weights_only=False)
+    ref = torch.load(out / "rank0.pt", weights_only=True)
     assert ref["world"] == 1 and ref["optimizer"] == "SpectralNewton"
     return ref
 
@@ -390,7 +390,7 @@ def test_trainer_accelerate_launch_two_processes(offline_wandb):
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"accelerate launch timed out: {(e.stderr or '')[-3000:]}")
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
-    res = [torch.load(tmp / f"rank{i}.pt", weights_only=False) for i in range(2)]
+    res = [torch.load(tmp / f"rank{i}.pt", weights_only=True) for i in range(2)]
     assert [x["world"] for x in res] == [2, 2]
     assert [x["engine"] for x in res] == ["OwnerEngine"] * 2
     for n, p in res[0]["final"].items():
@@ -411,7 +411,7 @@ def test_trainer_accelerate_launch_two_processes(offline_wandb):
 
     (tmp / "single").mkdir()
     main(str(tmp / "single"), report_to=())
-    ref = torch.load(tmp / "single" / "rank0.pt", weights_only=False)
+    ref = torch.load(tmp / "single" / "rank0.pt", weights_only=True)
     assert ref["world"] == 1 and ref["engine"] == "LocalEngine"
     for n, p in ref["final"].items():
         rel = ((res[0]["final"][n] - p).norm() / p.norm()).item()
@@ -455,7 +455,7 @@ def test_trainer_deepspeed_zero2_matches_plain(offline_wandb):
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"DeepSpeed run timed out: {(e.stderr or '')[-3000:]}")
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
-    ds = torch.load(tmp / "rank0.pt", weights_only=False)
+    ds = torch.load(tmp / "rank0.pt", weights_only=True)
     assert ds["optimizer"] == "ZeroSpectralNewton"
     assert {g["lr"] for g in ds["groups"]} == {1e-3}  # the config's lr (and adamw_lr, now scheduled) win
     assert ds["stats"][ATTN]["kind"] == "spectral" and ds["stats"][ATTN]["steps"] == STEPS
@@ -468,7 +468,7 @@ def test_trainer_deepspeed_zero2_matches_plain(offline_wandb):
     opts = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items() if k != "alpha"}
     (tmp / "plain").mkdir()
     main(str(tmp / "plain"), report_to=(), diagnostics=False, spectral_options=opts)
-    ref = torch.load(tmp / "plain" / "rank0.pt", weights_only=False)
+    ref = torch.load(tmp / "plain" / "rank0.pt", weights_only=True)
     assert ref["optimizer"] == "SpectralNewton"
     for n, p in ref["final"].items():
         assert not torch.equal(p, ref["init"][n]), n

@@ -155,7 +155,7 @@ def test_resume_is_exact(basis, tmp_path):
     b = _model(seed=123)
     b_opt = SpectralNewton.from_model(b, **opts)
     b_sched = torch.optim.lr_scheduler.StepLR(b_opt, 4, 0.5)
-    ck = torch.load(tmp_path / "ck.pt", weights_only=False)
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
     b.load_state_dict(ck["model"])
     b_opt.load_state_dict(ck["opt"])
     b_sched.load_state_dict(ck["sched"])

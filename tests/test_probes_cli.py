@@ -1,4 +1,5 @@
-"""``spectral-dist probe``: table, CSV/JSON and plots from a built-in model and from a state-dict checkpoint."""
+"""``spectral-dist probe``: table, CSV/JSON and plots from a built-in model and from checkpoints (state dicts as
+.pt or .safetensors; a pickled module only with --trust-checkpoint)."""
 
 import csv
 import json
@@ -34,6 +35,35 @@ def test_probe_cli_builtin_and_checkpoint(tmp_path, capsys):
     assert d2["layers"]["2.weight"]["h"] != d["layers"]["2.weight"]["h"]
     with pytest.raises(ValueError, match="--model"):
         main(["probe", "--checkpoint", str(tmp_path / "sd.pt"), "--output_dir", str(out2)])
+
+
+def test_probe_cli_checkpoint_formats(tmp_path):
+    """A state dict as safetensors, as a weights-only .pt, under a "model" key, and a pickled whole module
+    (only with --trust-checkpoint) all give the same curvature as the model they hold."""
+    from safetensors.torch import save_file
+
+    model, _, _ = build("mlp", 8, seed=7, dtype=torch.float64)
+    sd = model.state_dict()
+    save_file(sd, tmp_path / "sd.safetensors")
+    torch.save(sd, tmp_path / "sd.pt")
+    torch.save({"model": sd, "step": 3}, tmp_path / "wrapped.pt")
+    torch.save(model, tmp_path / "module.pt")
+    base = ["probe", "--model", "mlp", "--top_k", "3", "--batch_size", "8", "--no_plots"]
+
+    def h(name, *extra):
+        out = tmp_path / f"out_{name}"
+        assert main([*base, "--checkpoint", str(tmp_path / name), "--output_dir", str(out), *extra]) == 0
+        return json.loads((out / "probe.json").read_text())["layers"]["2.weight"]["h"]
+
+    want = h("sd.pt")
+    assert h("sd.safetensors") == want and h("wrapped.pt") == want
+    with pytest.raises(ValueError, match="refused.*Sequential.*--trust-checkpoint"):
+        h("module.pt")
+    assert h("module.pt", "--trust-checkpoint") == want
+    assert h("module.pt", "--trust_checkpoint") == want
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint" * 4)
+    with pytest.raises(ValueError, match="could not read it"):
+        h("junk.pt")
 
 
 def test_probe_cli_eigen_definition(tmp_path, capsys):

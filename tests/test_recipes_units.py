@@ -105,6 +105,59 @@ def test_image_folder_and_cifar(tmp_path):
         D.cifar10_images(c)
 
 
+def _python2_pickle(obj) -> bytes:
+    """``obj`` pickled as the official CIFAR-10 batches were (Python 2, protocol 2, numpy 1): bytes as Python 2
+    str opcodes and ``numpy.core.multiarray._reconstruct`` (Python 3 would write ``_codecs.encode`` calls)."""
+    import io
+    import pickle
+    import struct
+
+    class Py2Pickler(pickle._Pickler):
+        dispatch = dict(pickle._Pickler.dispatch)
+
+        def save_str8(self, b):
+            n = len(b)
+            self.write(
+                pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)
+            )
+            self.write(b)
+            self.memoize(b)
+
+        dispatch[bytes] = save_str8
+
+    f = io.BytesIO()
+    Py2Pickler(f, protocol=2).dump(obj)
+    data = f.getvalue().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+    assert b"_codecs" not in data and b"numpy.core.multiarray\n_reconstruct" in data
+    return data
+
+
+def test_cifar_batch_in_the_official_format(tmp_path):
+    """The restricted unpickler reads a batch laid out as in cifar-10-python.tar.gz, and checks the layout."""
+    import numpy as np
+    from test_recipes import make_cifar_folder
+
+    c = make_cifar_folder(tmp_path / "c", per_batch=4)
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
+    batch = {b"batch_label": b"testing batch 1 of 1", b"labels": [3, 1, 4, 1], b"data": data}
+    batch[b"filenames"] = [b"a.png", b"b.png", b"c.png", b"d.png"]
+    (c / "test_batch").write_bytes(_python2_pickle(batch))
+    _, te = D.cifar10_images(c)
+    assert te.y.tolist() == [3, 1, 4, 1]
+    x = torch.from_numpy(data.reshape(4, 3, 32, 32)).float() / 255
+    mean, std = torch.tensor((0.4914, 0.4822, 0.4465)), torch.tensor((0.2470, 0.2435, 0.2616))
+    assert torch.allclose(te.x, (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1), atol=1e-6)
+    for bad, match in (
+        (batch | {b"data": data.astype(np.int64)}, "uint8 array"),
+        (batch | {b"labels": [3, 1]}, "list of 4 ints"),
+        ([batch], "not a CIFAR-10 batch"),
+    ):
+        (c / "test_batch").write_bytes(_python2_pickle(bad))
+        with pytest.raises(ValueError, match=match):
+            D.cifar10_images(c)
+
+
 def test_hf_dataset_on_disk(tmp_path):
     import datasets
     import numpy as np

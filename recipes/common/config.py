@@ -52,6 +52,7 @@ class TrainConfig:
     resume: str | None = (
         None  # a checkpoint folder; "latest": newest in output_dir/checkpoints; "auto": that if any
     )
+    trust_checkpoint: bool = False  # let --resume unpickle fully (DeepSpeed, FSDP sharded): runs code from it
     # diagnostics
     diag_every: int = 100  # curvature probe every N steps (and at the last step); 0 disables
     probe_top_k: int = 8

@@ -1,7 +1,8 @@
 """Data for the recipes, with no downloads and no torchvision.
 
 * Images: scikit-learn's digits upsampled to RGB (the offline default), CIFAR-10 from its python-pickle
-  folder, an ImageNet-style folder (``train/<class>/*.JPEG``, ``val/<class>/...``), or a Hugging Face image
+  folder (a trusted copy; read with :class:`CifarUnpickler`, which rebuilds numpy arrays and nothing else),
+  an ImageNet-style folder (``train/<class>/*.JPEG``, ``val/<class>/...``), or a Hugging Face image
   dataset saved with ``save_to_disk``. ImageNet-style training augmentation (RandomResizedCrop, horizontal
   flip, normalisation) and the eval resize + center crop are written with PIL and torch.
 * Text: byte-level tokens (vocabulary 256) from the Python standard library's own sources (default), a
@@ -35,6 +36,7 @@ __all__ = [
     "TensorImages",
     "digits_images",
     "cifar10_images",
+    "CifarUnpickler",
     "ImageFolder",
     "HFImages",
     "load_image_data",
@@ -224,14 +226,79 @@ def digits_images(
     return train, val
 
 
+def _numpy_array_globals() -> dict:
+    """The globals numpy's own pickles of arrays name, under numpy 1 and numpy 2 module spellings."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+        from numpy._core.numeric import _frombuffer
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+        from numpy.core.numeric import _frombuffer
+    out = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for core in ("numpy.core", "numpy._core"):  # CIFAR-10 was pickled by numpy 1; numpy 2 writes _core
+        out[(f"{core}.multiarray", "_reconstruct")] = _reconstruct
+        out[(f"{core}.numeric", "_frombuffer")] = _frombuffer  # pickle protocol 5
+    return out
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Reads a CIFAR-10 python batch without running code from it.
+
+    Unpickling calls whatever global function a file names, so a plain ``pickle.load`` of a file from
+    elsewhere runs code. A real batch holds only dicts, lists, bytes, numbers and numpy arrays; this
+    unpickler resolves exactly the globals that rebuild a numpy array (``ndarray``, ``dtype``,
+    ``_reconstruct``, ``_frombuffer``) and refuses every other one with :class:`pickle.UnpicklingError`.
+    """
+
+    ALLOWED = _numpy_array_globals()
+
+    def __init__(self, file, path: str | Path = "<file>"):
+        super().__init__(file, encoding="bytes")  # the batches were written by Python 2
+        self.path = path
+
+    def find_class(self, module, name):
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"{self.path}: refused to unpickle the global {module}.{name}. A CIFAR-10 python batch holds "
+                "only dicts, lists, bytes, numbers and numpy arrays, so this loader rebuilds numpy arrays and "
+                "nothing else: any other global is a function the file would call, i.e. code from the file. "
+                "This is not a genuine CIFAR-10 batch; there is no opt-in, because the real data never needs "
+                "one. Download CIFAR-10 again from https://www.cs.toronto.edu/~kriz/cifar.html "
+                "(cifar-10-python.tar.gz, md5 c58f30108f718f92721af3b95e74349a)."
+            ) from None
+
+
 def _unpickle(path: Path) -> dict:
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+        return CifarUnpickler(f, path).load()
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    """(uint8 images (N, 3, 32, 32), labels) of one batch file, with its layout checked."""
+    d = _unpickle(path)
+    if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
+        raise ValueError(f"{path} is not a CIFAR-10 batch (needs a dict with b'data' and b'labels')")
+    data, labels = d[b"data"], d[b"labels"]
+    if not (
+        isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
+    ):
+        what = f"{data.dtype} array {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"{path}: b'data' must be a uint8 array (N, 3072), got a {what}")
+    if not (isinstance(labels, list) and len(labels) == len(data) and all(type(y) is int for y in labels)):
+        raise ValueError(f"{path}: b'labels' must be a list of {len(data)} ints (one per image)")
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def cifar10_images(root: str | Path, augment: bool = True, seed: int = 0):
     """CIFAR-10 from ``cifar-10-batches-py`` (data_batch_1..5, test_batch); ``root`` may be that folder or
-    its parent. Training augmentation: reflect-pad 4 + random 32x32 crop + horizontal flip."""
+    its parent. Training augmentation: reflect-pad 4 + random 32x32 crop + horizontal flip.
+
+    The batches are Python pickles by the data set's design. They are read with :class:`CifarUnpickler`,
+    which rebuilds numpy arrays and refuses every other global, so a tampered file cannot run code; still,
+    point ``root`` at a trusted copy of CIFAR-10 (a file could hold wrong images or labels).
+    """
     root = Path(root)
     if not (root / "data_batch_1").exists() and (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
@@ -243,11 +310,9 @@ def cifar10_images(root: str | Path, augment: bool = True, seed: int = 0):
     def load(paths):
         xs, ys = [], []
         for p in paths:
-            d = _unpickle(p)
-            if b"data" not in d or b"labels" not in d:
-                raise ValueError(f"{p} is not a CIFAR-10 batch (needs b'data' and b'labels')")
-            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.extend(d[b"labels"])
+            x, y = _cifar_batch(p)
+            xs.append(x)
+            ys.extend(y)
         x = torch.from_numpy(np.concatenate(xs)).float().div_(255.0)
         mean = torch.tensor((0.4914, 0.4822, 0.4465)).view(1, 3, 1, 1)
         std = torch.tensor((0.2470, 0.2435, 0.2616)).view(1, 3, 1, 1)

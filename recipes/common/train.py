@@ -5,6 +5,9 @@ A recipe builds a :class:`Task` (model, data, loss, eval) and calls :func:`train
 checkpoint (``accelerator.save_state``) holds model, optimizer, scheduler, every process's RNG states and a
 :class:`TrainState` with the step; the data position is ``step * grad_accum`` global micro-batches of the
 :class:`~common.data.ResumableSampler`, so the resumed run continues with the batch it would have seen.
+
+Resuming reads no code from the checkpoint unless ``--trust_checkpoint true``: see
+:func:`check_checkpoint_files`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import signal
 import time
@@ -32,7 +37,7 @@ from .deepspeed import prepare_deepspeed
 from .diagnostics import RecipeDiagnostics, matrix_names
 from .optim import build_optimizer, warmup_cosine
 
-__all__ = ["Task", "TrainState", "train", "latest_checkpoint"]
+__all__ = ["Task", "TrainState", "train", "latest_checkpoint", "check_checkpoint_files"]
 
 
 @dataclass
@@ -146,6 +151,57 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def check_checkpoint_files(
+    folder: str | Path, trust: bool = False, deepspeed: bool = False, own: bool = False
+) -> None:
+    """Refuse (ValueError naming ``--trust_checkpoint``) a checkpoint whose loading would run code from it.
+
+    ``accelerator.load_state`` reads the model from safetensors and the optimizer, RNG states and sampler
+    with ``torch.load(weights_only=True)``, but the registered objects' state (``custom_checkpoint_*.pkl``:
+    scheduler, :class:`TrainState`, trajectory monitor) with ``weights_only=False``. This recipe writes only
+    tensors, numbers, strings and containers there, so each of those files is first read with
+    ``weights_only=True`` and refused if that fails. Loaders outside this project unpickle fully and cannot
+    be restricted from here: DeepSpeed's ``engine.load_checkpoint`` (``deepspeed``) and
+    ``torch.distributed.checkpoint`` (``.metadata``/``.distcp`` files of FSDP sharded state); those need
+    ``trust``, unless ``own``: the run resumes its own output folder (``--resume latest``/``auto``), whose
+    DeepSpeed and DCP files it wrote itself. With ``trust`` nothing is checked.
+    """
+    if trust:
+        return
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    how = (
+        "Only resume from a checkpoint you trust (one you wrote, or whose author you trust), and say so with "
+    )
+    if not own and (deepspeed or any(p.name.endswith("_states.pt") for p in files)):
+        raise ValueError(
+            f"--resume {folder}: refused. A DeepSpeed checkpoint is read by DeepSpeed's engine.load_checkpoint, "
+            "which unpickles its files fully (torch.load(weights_only=False)), so a checkpoint from elsewhere "
+            f"could run code as you; this recipe cannot restrict that loader. {how}--trust_checkpoint true."
+        )
+    dcp = [] if own else [p for p in files if p.name == ".metadata" or p.suffix == ".distcp"]
+    if dcp:
+        raise ValueError(
+            f"--resume {folder}: refused. It holds torch.distributed.checkpoint files (FSDP sharded state: "
+            f"{', '.join(str(p.relative_to(folder)) for p in dcp[:3])}), whose metadata torch reads with a plain "
+            "pickle.load, so a checkpoint from elsewhere could run code as you; this recipe cannot restrict "
+            f"that loader. {how}--trust_checkpoint true."
+        )
+    for p in files:
+        if not (p.name.startswith("custom_checkpoint_") and p.suffix == ".pkl"):
+            continue
+        try:
+            torch.load(p, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f"it names the Python global {found.group(1)}" if found else "it is not weights only"
+            raise ValueError(
+                f"--resume {folder}: refused {p.name}: {what}. accelerate unpickles this file fully "
+                "(weights_only=False), which runs whatever code it names; the recipes write only tensors, "
+                f"numbers, strings and containers there. {how}--trust_checkpoint true."
+            ) from None
+
+
 def _move(batch, device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(_move(b, device) for b in batch)
@@ -225,6 +281,12 @@ def train(cfg, task: Task) -> dict:
     if cfg.resume:
         ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume in ("latest", "auto") else Path(cfg.resume)
         if ckpt is not None and ckpt.is_dir():
+            # "latest"/"auto" resume this run's own output_dir; a checkpoint given by path may come from
+            # anywhere, and loaders outside this project unpickle it fully: that needs --trust_checkpoint
+            own = cfg.resume in ("latest", "auto")
+            check_checkpoint_files(
+                ckpt, cfg.trust_checkpoint, deepspeed=dist == DistributedType.DEEPSPEED, own=own
+            )
             check_resume(ckpt, cfg, accelerator)
             accelerator.load_state(str(ckpt))
             resumed = True

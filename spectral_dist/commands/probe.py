@@ -1,16 +1,23 @@
 """``spectral-dist probe``: curvature along gradient singular directions, per weight matrix.
 
-Builds a tiny model (``--model``) or loads a checkpoint (a ``torch.save``'d module, or a state dict for the
-``--model`` architecture), probes one deterministic synthetic batch with :class:`CurvatureProbe`, prints the
-per-layer table and writes into ``--output_dir``: ``probe.csv``, ``probe.json``, ``curvature_loglog.png``
-(log h_k against log sigma_k with the fitted line, one panel per layer) and ``transfer.png`` (s against
-alpha * gamma over layers, with the line s = alpha * gamma).
+Builds a tiny model (``--model``) or loads a checkpoint for the ``--model`` architecture, probes one
+deterministic synthetic batch with :class:`CurvatureProbe`, prints the per-layer table and writes into
+``--output_dir``: ``probe.csv``, ``probe.json``, ``curvature_loglog.png`` (log h_k against log sigma_k with
+the fitted line, one panel per layer) and ``transfer.png`` (s against alpha * gamma over layers, with the
+line s = alpha * gamma).
+
+A checkpoint is read without running code from it: a ``.safetensors`` file, or a ``torch.save``'d state dict
+(optionally under a ``"model"`` key) read with ``torch.load(weights_only=True)``. A ``torch.save``'d whole
+module needs full unpickling, which runs whatever code the file names; it is refused unless
+``--trust-checkpoint`` says the file is trusted.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import pickle
+import re
 import time
 from pathlib import Path
 
@@ -29,7 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
         default=None,
-        help="torch.save'd module (trusted files only: unpickling runs code) or state dict (needs --model)",
+        help="state dict for the --model architecture: a .safetensors file, or a torch.save'd file read "
+        "with torch.load(weights_only=True) (no code from the file runs); a torch.save'd whole module only "
+        "with --trust-checkpoint",
+    )
+    parser.add_argument(
+        "--trust-checkpoint",
+        "--trust_checkpoint",
+        dest="trust_checkpoint",
+        action="store_true",
+        help="unpickle --checkpoint fully (torch.load(weights_only=False)), e.g. a torch.save'd whole module. "
+        "Unpickling runs any code the file names: only for files you wrote or whose author you trust",
     )
     parser.add_argument("--top_k", type=int, default=16, help="singular directions per layer")
     parser.add_argument("--hvp", choices=("autograd", "func", "fd"), default="autograd", help="HVP backend")
@@ -60,6 +77,48 @@ def build(name: str, batch_size: int, seed: int, dtype: torch.dtype):
     return builtin_task(name, batch_size, seed, dtype)
 
 
+def _unsupported_global(err: Exception) -> str | None:
+    """The Python global (``module.name``) that torch's weights-only unpickler refused, if it says so."""
+    found = re.search(r"GLOBAL ([\w.]+)", re.sub(r"\x1b\[[0-9;]*m", "", str(err)))
+    return found.group(1) if found else None
+
+
+def read_checkpoint(path: Path, trust: bool = False):
+    """What ``--checkpoint`` holds, read without running code from the file unless ``trust``.
+
+    ``.safetensors``: a state dict of tensors (no code can be stored there). Anything else:
+    ``torch.load(weights_only=True)``, which rebuilds tensors, numbers, strings and containers only. A file
+    that needs more (a pickled whole module) raises ValueError naming ``--trust-checkpoint``; with ``trust``
+    it is unpickled fully (``weights_only=False``), which runs whatever code the file names.
+    """
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:  # a dependency of transformers, so normally present
+            raise ValueError(
+                f"--checkpoint {str(path)!r}: reading .safetensors needs `pip install safetensors`"
+            ) from e
+        return load_file(str(path), device="cpu")
+    if trust:  # the user vouched for the file: full unpickling, code in the file runs
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        name = _unsupported_global(e)
+        what = (
+            f"it names the Python global {name}, which full unpickling would import and call"
+            if name
+            else "torch.load(weights_only=True) could not read it (not a state dict of tensors, or damaged)"
+        )
+        raise ValueError(
+            f"--checkpoint {str(path)!r} refused: {what}. Full unpickling (needed e.g. for a torch.save'd "
+            "whole nn.Module) runs whatever code the file names, so whoever wrote the file could run commands "
+            "as you. If you trust the file (you wrote it, or you trust whoever did), pass --trust-checkpoint. "
+            "Otherwise ask for a state dict: torch.save(model.state_dict(), 'model.pt') or "
+            "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')."
+        ) from None
+
+
 def load_model(args, dtype):
     """The model (built, or loaded from ``--checkpoint``), its loss and batch (from ``--model``'s family)."""
     if args.checkpoint is None:
@@ -71,10 +130,7 @@ def load_model(args, dtype):
     if not path.is_file():
         raise ValueError(f"--checkpoint {str(path)!r} is not a file")
     model, loss, batch = build(args.model, args.batch_size, args.seed, dtype)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a pickled module: needs full unpickling (trusted files only)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = read_checkpoint(path, trust=getattr(args, "trust_checkpoint", False))
     if isinstance(obj, torch.nn.Module):
         return obj.to(dtype), loss, batch
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
