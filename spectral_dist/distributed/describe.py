@@ -104,14 +104,46 @@ def box_pieces(shape, idx) -> list:
     return compress_runs(runs)
 
 
+def _root_mesh(mesh):
+    get = getattr(mesh, "_get_root_mesh", None)  # torch's DeviceMesh keeps the mesh a submesh was sliced from
+    return get() if get is not None else mesh
+
+
 def _mesh_coordinates(mesh, world_size: int, group_ranks: list[int] | None) -> list:
-    """Per rank of the process group, its coordinate in ``mesh`` (None when it is not in the mesh)."""
+    """Per rank of the process group, its coordinate in ``mesh``, or in *its own copy* of ``mesh`` when
+    ``mesh`` is a submesh (``mesh2d["dp"]``: ranks 0, 2 see one, ranks 1, 3 a parallel one, and they hold
+    replicas of each other's data); None when the rank is in neither."""
     grid = mesh.mesh
-    coords: dict[int, tuple] = {}
-    for pos in itertools.product(*(range(s) for s in grid.shape)):
-        coords[int(grid[pos])] = pos
+    root = _root_mesh(mesh)
     ranks = group_ranks if group_ranks is not None else list(range(world_size))
-    return [coords.get(g) for g in ranks]
+    if root is mesh or tuple(root.mesh.shape) == tuple(grid.shape):
+        coords: dict[int, tuple] = {}
+        for pos in itertools.product(*(range(s) for s in grid.shape)):
+            coords[int(grid[pos])] = pos
+        return [coords.get(g) for g in ranks]
+    R = root.mesh
+    where = {int(R[pos]): pos for pos in itertools.product(*(range(s) for s in R.shape))}
+    members = [int(r) for r in grid.flatten().tolist()]
+    dims = [d for d in range(R.ndim) if len({where[r][d] for r in members}) > 1]
+
+    def coord(pos):
+        if grid.ndim == 1:
+            flat = 0
+            for d in dims:
+                flat = flat * R.shape[d] + pos[d]
+            return (flat,)
+        if grid.ndim == len(dims):
+            return tuple(pos[d] for d in dims)
+        return None
+
+    for r in members:  # the rule must reproduce this rank's own submesh
+        c = coord(where[r])
+        if c is None or int(grid[c]) != r:
+            raise ValueError(
+                f"cannot tell where the other ranks' copies of the {tuple(grid.shape)} submesh sit in the "
+                f"{tuple(R.shape)} mesh it was sliced from; pass distributed=<the submesh's process group>"
+            )
+    return [coord(where[g]) if g in where else None for g in ranks]
 
 
 def describe(
