@@ -213,6 +213,13 @@ def worker(rank, world, ckpt_dir):
         resharded = full(model3)  # collective: every rank
         res["reshard_err"] = rel_err(resharded, got) if rank == 0 else None
         res["sketch_err"] = _sketch_check(model2, *shard_dp(layout))
+        try:  # the curvature probes need row blocks on a 1-D mesh: a clear refusal, not a wrong answer
+            from spectral_dist.probes.sharding import ProbeLayout
+
+            ProbeLayout.detect(model2)
+            res["probe_error"] = None
+        except ValueError as e:
+            res["probe_error"] = str(e)
         res["bytes"] = _bytes_worker(model2, opt2, *shard_dp(layout))
         out[layout] = res
         dist.barrier()

@@ -59,3 +59,10 @@ def test_sketches_of_2d_sharded_gradients_are_exact(res, layout):
     of the whole gradient (replicated pieces counted once)."""
     for r in res:
         assert r[layout]["sketch_err"] < 1e-5, r[layout]["sketch_err"]  # the sketch sums in float32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp_fsdp", "hsdp"])
+def test_probes_refuse_2d_meshes_with_a_clear_error(res, layout):
+    msg = res[0][layout]["probe_error"]
+    assert msg is not None and ("mesh" in msg or "rows" in msg), msg
