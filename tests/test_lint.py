@@ -1,4 +1,5 @@
-"""ruff lint and format check are part of the test suite."""
+"""ruff lint and format check are part of the test suite (with --no-cache: the tests write nothing into the
+repository)."""
 
 import shutil
 import subprocess
@@ -21,10 +22,12 @@ def _ruff():
 
 
 def test_ruff_lint():
-    r = subprocess.run([_ruff(), "check", "."], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([_ruff(), "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_ruff_format():
-    r = subprocess.run([_ruff(), "format", "--check", "."], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [_ruff(), "format", "--no-cache", "--check", "."], cwd=ROOT, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout + r.stderr

@@ -19,6 +19,7 @@ __all__ = [
     "check_version",
     "partition_entries",
     "rank_pieces",
+    "stage3_rank_pieces",
     "zero_kind",
 ]
 
@@ -79,6 +80,17 @@ def rank_pieces(off: int, n: int, ps: int, world: int) -> list[list[tuple[int, i
     return per_rank
 
 
+def stage3_rank_pieces(n: int, ps: int, q: int, world: int) -> list[list[tuple[int, int, int]]]:
+    """ZeRO-3: a parameter of ``n`` elements split into ``world`` partitions of ``ps`` (the last padded), whose
+    partition starts at offset ``q`` of every rank's flat sub-group buffer: per rank, [(offset in the buffer,
+    offset in the parameter, length)] or []."""
+    per_rank = []
+    for r in range(world):
+        lo, hi = r * ps, min(n, (r + 1) * ps)
+        per_rank.append([(q, lo, hi - lo)] if hi > lo else [])
+    return per_rank
+
+
 def _stage12(zopt):
     out = []
     for i, params in enumerate(zopt.round_robin_bit16_groups):
@@ -118,13 +130,8 @@ def _stage3(zopt):
         world = dist.get_world_size(group=pg)
         entries, q = [], 0
         for p in params:
-            n = p.ds_numel
             ps = p.partition_numel()
-            per_rank = []
-            for r in range(world):
-                lo, hi = r * ps, min(n, (r + 1) * ps)
-                per_rank.append([(q, lo, hi - lo)] if hi > lo else [])
-            entries.append((p, per_rank))
+            entries.append((p, stage3_rank_pieces(p.ds_numel, ps, q, world)))
             q += ps
         out.append((zopt.fp32_partitioned_groups_flat[sg], zopt.sub_group_to_group_id[sg], entries, pg))
     return out

@@ -1,0 +1,203 @@
+"""Fast checks of the index bookkeeping against brute force: ZeRO partition maps, DTensor pieces, owner plans
+and routes, and the exchange itself (W ranks simulated by threads, no process group)."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+
+from spectral_dist.distributed import exchange
+from spectral_dist.distributed.describe import box_pieces, dtensor_index_sets
+from spectral_dist.distributed.layout import MatrixLayout, Piece, build_plan, compress_runs
+from spectral_dist.integrations.deepspeed_compat import rank_pieces, stage3_rank_pieces
+
+
+def _flat_indices(pieces) -> list[int]:
+    out = []
+    for p in pieces:
+        p = p if isinstance(p, Piece) else Piece(p[0], p[1], 1, p[1])
+        for o, n in p.runs():
+            out.extend(range(o, o + n))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- ZeRO maps
+@pytest.mark.parametrize("seed", range(20))
+def test_stage12_partition_map_matches_brute_force(seed):
+    rng = random.Random(seed)
+    world = rng.randint(1, 5)
+    sizes = [rng.randint(1, 30) for _ in range(rng.randint(1, 6))]
+    total = sum(sizes)
+    ps = -(-total // world) + rng.randint(0, 3)  # partitions may be padded
+    off = 0
+    for n in sizes:
+        got = rank_pieces(off, n, ps, world)
+        for r in range(world):
+            want = [(i - r * ps, i - off) for i in range(off, off + n) if r * ps <= i < (r + 1) * ps]
+            mine = [(fo + k, po + k) for fo, po, ln in got[r] for k in range(ln)]
+            assert mine == want, (seed, r, off, n)
+        off += n
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stage3_partition_map_matches_brute_force(seed):
+    rng = random.Random(seed)
+    world = rng.randint(1, 5)
+    n = rng.randint(1, 40)
+    ps = -(-n // world)
+    q = rng.randint(0, 50)
+    got = stage3_rank_pieces(n, ps, q, world)
+    held = []
+    for r in range(world):
+        elems = [i for i in range(n) if r * ps <= i < (r + 1) * ps]
+        mine = [(fo + k, po + k) for fo, po, ln in got[r] for k in range(ln)]
+        assert mine == [(q + k, e) for k, e in enumerate(elems)], (seed, r)
+        held += [po for _, po in mine]
+    assert sorted(held) == list(range(n))
+
+
+# ---------------------------------------------------------------------------------------------- DTensor
+def _chunk_truth(shape, mesh_shape, coord, placements):
+    """Global flat indices (local order) from torch.chunk on an index tensor, mesh dim by mesh dim."""
+    from torch.distributed.tensor import Shard
+
+    t = torch.arange(int(torch.Size(shape).numel())).view(shape)
+    for md, pl in enumerate(placements):
+        if isinstance(pl, Shard):
+            parts = list(torch.chunk(t, mesh_shape[md], dim=pl.dim))
+            parts += [t.narrow(pl.dim, 0, 0)] * (mesh_shape[md] - len(parts))
+            t = parts[coord[md]]
+    return t.reshape(-1).tolist()
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_dtensor_pieces_match_chunked_index_tensors(seed):
+    from torch.distributed.tensor import Replicate, Shard
+
+    rng = random.Random(seed)
+    nd = rng.randint(1, 3)
+    shape = tuple(rng.randint(1, 7) for _ in range(nd))
+    mdims = rng.randint(1, 2)
+    mesh_shape = tuple(rng.randint(1, 4) for _ in range(mdims))
+    placements = [Replicate() if rng.random() < 0.3 else Shard(rng.randrange(nd)) for _ in range(mdims)]
+    for coord in torch.cartesian_prod(*[torch.arange(s) for s in mesh_shape]).view(-1, mdims).tolist():
+        idx = dtensor_index_sets(shape, mesh_shape, coord, placements)
+        got = _flat_indices(box_pieces(shape, idx))
+        assert got == _chunk_truth(shape, mesh_shape, coord, placements), (shape, mesh_shape, placements, coord)
+
+
+def test_compress_runs_merges_and_strides():
+    assert compress_runs([(0, 3), (3, 2)]) == [Piece(0, 5, 1, 5)]
+    assert compress_runs([(1, 2), (6, 2), (11, 2), (20, 1)]) == [Piece(1, 2, 3, 5), Piece(20, 1, 1, 1)]
+    assert _flat_indices(compress_runs([(4, 2), (0, 2)])) == [4, 5, 0, 1]  # local order kept
+
+
+# ---------------------------------------------------------------------------------------------- plans, routes
+def _random_layout(rng, key, world):
+    """A matrix split into disjoint row/column blocks, each held by 1-3 ranks (replicas), some ranks empty."""
+    m, n = rng.randint(1, 6), rng.randint(1, 6)
+    rows = sorted(rng.sample(range(1, m), min(m - 1, rng.randint(0, 2)))) if m > 1 else []
+    cols = sorted(rng.sample(range(1, n), min(n - 1, rng.randint(0, 2)))) if n > 1 else []
+    rb = list(zip([0, *rows], [*rows, m]))
+    cb = list(zip([0, *cols], [*cols, n]))
+    slices = [[] for _ in range(world)]
+    for r0, r1 in rb:
+        for c0, c1 in cb:
+            runs = [(r * n + c0, c1 - c0) for r in range(r0, r1)]
+            piece = compress_runs(runs)
+            for h in rng.sample(range(world), rng.randint(1, min(3, world))):
+                slices[h].extend(piece)
+    return MatrixLayout(key, (m, n), slices)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_routes_cover_every_element_once_owner_first(seed):
+    rng = random.Random(seed)
+    world = rng.randint(1, 4)
+    lays = [_random_layout(rng, f"w{i}", world) for i in range(rng.randint(1, 5))]
+    plan = build_plan(lays, world)
+    for lay in lays:
+        owner = plan.owner(lay.key)
+        covered = []
+        for rt in plan.routes[lay.key]:
+            covered += _flat_indices([rt.piece])
+            mine = _flat_indices(lay.slices[rt.src])
+            start = mine.index(_flat_indices([rt.piece])[0])
+            assert start == rt.src_offset  # the offset into the sender's local data is right
+            if rt.src != owner:
+                assert rt.piece not in lay.slices[owner]  # the owner's own copy is used when it has one
+        assert sorted(covered) == list(range(lay.numel)), (seed, lay.key)
+
+
+# ---------------------------------------------------------------------------------------------- exchange
+class _FakeDist:
+    """torch.distributed for W threads: ranks are thread-local, all_to_all_single meets at a barrier."""
+
+    def __init__(self, world):
+        self.world, self.local = world, threading.local()
+        self.barrier = threading.Barrier(world)
+        self.box: dict = {}
+
+    def get_rank(self, group=None):
+        return self.local.rank
+
+    def get_world_size(self, group=None):
+        return self.world
+
+    def get_backend(self, group=None):
+        return "gloo"
+
+    def all_to_all_single(self, out, inp, output_split_sizes=None, input_split_sizes=None, group=None):
+        r = self.local.rank
+        self.box[r] = list(torch.split(inp, input_split_sizes))
+        self.barrier.wait()
+        got = [self.box[s][r] for s in range(self.world)]
+        self.barrier.wait()
+        out.copy_(torch.cat(got) if got else out)
+        self.barrier.wait()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_exchange_gathers_and_scatters_exactly(seed, monkeypatch):
+    rng = random.Random(seed)
+    world = rng.randint(2, 4)
+    lays = [_random_layout(rng, f"w{i}", world) for i in range(rng.randint(1, 4))]
+    plan = build_plan(lays, world)
+    truth = {lay.key: torch.randn(lay.shape, generator=torch.Generator().manual_seed(seed * 10 + i),
+                                  dtype=torch.float64) for i, lay in enumerate(lays)}
+    fake = _FakeDist(world)
+    monkeypatch.setattr(exchange, "dist", fake)
+    results, errors = [None] * world, []
+
+    def run(rank):
+        fake.local.rank = rank
+        try:
+            local = {k: torch.cat([truth[k].reshape(-1)[_flat_indices([p])] for p in plan.layout(k).slices[rank]])
+                     if plan.layout(k).slices[rank] else torch.empty(0, dtype=torch.float64) for k in truth}
+            full = exchange.gather_to_owners(plan, local, None, dtype=torch.float64)
+            payload = {k: (torch.tensor([float(rank), 1.0, 2.0], dtype=torch.float64), 2 * v.reshape(-1),
+                           torch.full((3,), float(rank), dtype=torch.float64)) for k, v in full.items()}
+            back = exchange.scatter_from_owners(plan, payload, None, header_size=3,
+                                                extra_sizes={k: 3 for k in truth}, dtype=torch.float64)
+            results[rank] = (full, back, local)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+            fake.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors, errors
+    for rank, (full, back, local) in enumerate(results):
+        for k, v in full.items():
+            assert plan.owner(k) == rank and torch.equal(v.reshape(truth[k].shape), truth[k]), (seed, k)
+        for k in truth:
+            h, pieces, extra = back[k]
+            owner = plan.owner(k)
+            assert h.tolist() == [float(owner), 1.0, 2.0] and extra.tolist() == [float(owner)] * 3
+            assert torch.equal(pieces, 2 * local[k]), (seed, rank, k)
