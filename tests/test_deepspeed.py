@@ -97,9 +97,38 @@ def _full_params(engine) -> dict[str, torch.Tensor]:
         return {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
 
 
+CURRENT = [0]  # the step being trained (read by the non-finite injection)
+POISON = {1: ("fc1.weight", "one"), 2: ("norm.weight", "all")}  # step -> (parameter, on one rank / on all)
+
+
+def _poison_partitions(opt, rank):
+    """Make ZeroSpectralNewton see non-finite gradient elements: at step 1 one Inf in fc1.weight on the highest
+    rank that holds part of it (a partial, one-rank fault), at step 2 NaN in every held element of norm.weight."""
+    real = opt.step
+
+    def step(closure=None):
+        hit = POISON.get(CURRENT[0])
+        if hit is not None:
+            name, where = hit
+            for s in opt._engine.slots(opt):
+                if s.key != name or s.n == 0:
+                    continue
+                if where == "one" and rank != max(s.layout.holders()):
+                    continue
+                g = s.flat.grad.narrow(0, s.fo, s.n)
+                if where == "one":
+                    g[0] = float("inf")
+                else:
+                    g.fill_(float("nan"))
+        return real(closure)
+
+    opt.step = step
+
+
 def _train(engine, steps, rank, dtype=torch.float32):
     losses = []
     for s in steps:
+        CURRENT[0] = s
         x, y = batch(s)
         x, y = x[rank * MICRO : (rank + 1) * MICRO].to(dtype), y[rank * MICRO : (rank + 1) * MICRO]
         loss = nn.functional.cross_entropy(engine(x).float(), y)
@@ -137,15 +166,25 @@ def worker(out_dir: str) -> None:
         all_stats = [None] * WORLD
         dist.all_gather_object(all_stats, stats)
         out[f"stage{stage}"] = dict(first=first, after1=after1, final=final, resumed=resumed, stats=all_stats)
+    for stage in (1, 2, 3):  # non-finite gradients inside the partitions: decided by all ranks together
+        engine, *_ = initialize(model=make_model(0), config=ds_config(stage))
+        _poison_partitions(engine.basic_optimizer, rank)
+        _train(engine, range(STEPS), rank)
+        final = _full_params(engine)
+        all_stats = [None] * WORLD
+        dist.all_gather_object(all_stats, engine.basic_optimizer.stats())
+        engine.destroy()
+        out[f"nonfinite{stage}"] = dict(final=final, stats=all_stats)
     for name, stage, extra, _ in BF16_RUNS:
         engine, *_ = initialize(model=make_model(0), config={**ds_config(stage, "bf16"), **extra})
         wrapper = type(engine.optimizer).__name__
+        first = _full_params(engine)
         losses = _train(engine, range(STEPS), rank, torch.bfloat16)
         opt = engine.basic_optimizer
         moms = [st["exp_avg"].dtype for st in opt.state.values() if "exp_avg" in st]
         owned = [None] * WORLD
         dist.all_gather_object(owned, [str(d) for d in moms])
-        out[name] = dict(losses=losses, final=_full_params(engine), moms=owned, wrapper=wrapper)
+        out[name] = dict(losses=losses, first=first, final=_full_params(engine), moms=owned, wrapper=wrapper)
         engine.destroy()
     # any other optimizer type goes to DeepSpeed unchanged
     cfg = ds_config(2)
@@ -205,18 +244,23 @@ def launch_workers(out_dir: Path, timeout: float = 420) -> dict:
     return torch.load(out_dir / "result.pt", weights_only=True)  # tensors, numbers, strings: written above
 
 
-def reference(steps: int = STEPS) -> list[dict[str, torch.Tensor]]:
+def reference(steps: int = STEPS, poison: bool = False) -> list[dict[str, torch.Tensor]]:
     """Single-process SpectralNewton on the full global batch: parameters after each step."""
     from spectral_dist.optim import LocalEngine, SpectralNewton
 
     model = make_model(0)
     opt = SpectralNewton.from_model(model, engine=LocalEngine(), **OPTIONS)
     hist = []
+    params = dict(model.named_parameters())
     for s in range(steps):
         x, y = batch(s)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        if poison and s in POISON:
+            name, where = POISON[s]
+            g = params[name].grad.view(-1)
+            g[-1:] = float("inf") if where == "one" else g.fill_(float("nan"))[-1:]
         opt.step()
         hist.append({n: p.detach().clone() for n, p in model.named_parameters()})
     return hist
@@ -283,6 +327,25 @@ def test_resume_is_exact(results, stage):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_nonfinite_gradients_skip_on_every_rank(results, stage):
+    """One Inf on one rank's partition (fc1.weight, step 1) and NaN everywhere (norm.weight, step 2): both ranks
+    skip the whole parameter that step (identical counters), and the result equals one process that skipped
+    the same steps; everything else still trains."""
+    r = results[f"nonfinite{stage}"]
+    assert r["stats"][0] == r["stats"][1]
+    st = r["stats"][0]
+    assert st["fc1.weight"]["skipped"] == 1 and st["norm.weight"]["skipped"] == 1, st
+    assert st["fc2.weight"]["skipped"] == 0 and st["fc2.weight"]["steps"] == STEPS
+    ref = reference(poison=True)[-1]
+    clean = reference()[-1]
+    for name, want in ref.items():
+        assert _rel(r["final"][name], want) < RTOL, (stage, name, _rel(r["final"][name], want))
+    moved = _rel(ref["fc1.weight"], clean["fc1.weight"])  # the skip changed the result, far above RTOL
+    assert moved > 100 * RTOL, moved
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name, stage, extra, wrapper", BF16_RUNS)
 def test_bf16_runs_with_fp32_matrix_step(results, ref, name, stage, extra, wrapper):
     r = results[name]
@@ -290,7 +353,12 @@ def test_bf16_runs_with_fp32_matrix_step(results, ref, name, stage, extra, wrapp
     assert all(torch.isfinite(torch.tensor(r["losses"])))
     assert all(rank and all(d == "torch.float32" for d in rank) for rank in r["moms"]), r["moms"]
     for pname, want in ref[-1].items():  # bf16 weights and activations: close to the fp32 run, not equal
-        assert _rel(r["final"][pname], want) < 0.05, (name, pname)
+        moved = (want - r["first"][pname].float()).norm()  # how far the fp32 run moved this parameter
+        err = (r["final"][pname] - want).norm()
+        # fc2 (alpha = 1) takes the polar factor of a rank-deficient momentum: bf16 round-off in its near-null
+        # directions is amplified to unit size, so it ends further from the fp32 run; the rest stay within 10%
+        bound = 0.5 if pname == "fc2.weight" else 0.15
+        assert moved > 0 and err < bound * moved, (name, pname, float(err / moved))
 
 
 @pytest.mark.slow
@@ -368,7 +436,9 @@ def test_config_path_and_passthrough(tmp_path):
     path.write_text(json.dumps(ds_config(3)))
     assert is_spectral_config(str(path)) and check_config(load_config(path))["lr"] == OPTIONS["lr"]
     assert not is_spectral_config({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
-    assert via_integrations.initialize is not None
+    from spectral_dist.deepspeed import initialize
+
+    assert via_integrations.initialize is initialize  # the short import path is the same function
     for name in sorted((ROOT / "configs" / "deepspeed").glob("*.json")):
         cfg = load_config(name)
         if is_spectral_config(cfg):

@@ -86,7 +86,12 @@ def test_dtensor_pieces_match_chunked_index_tensors(seed):
     for coord in torch.cartesian_prod(*[torch.arange(s) for s in mesh_shape]).view(-1, mdims).tolist():
         idx = dtensor_index_sets(shape, mesh_shape, coord, placements)
         got = _flat_indices(box_pieces(shape, idx))
-        assert got == _chunk_truth(shape, mesh_shape, coord, placements), (shape, mesh_shape, placements, coord)
+        assert got == _chunk_truth(shape, mesh_shape, coord, placements), (
+            shape,
+            mesh_shape,
+            placements,
+            coord,
+        )
 
 
 def test_compress_runs_merges_and_strides():
@@ -166,8 +171,12 @@ def test_exchange_gathers_and_scatters_exactly(seed, monkeypatch):
     world = rng.randint(2, 4)
     lays = [_random_layout(rng, f"w{i}", world) for i in range(rng.randint(1, 4))]
     plan = build_plan(lays, world)
-    truth = {lay.key: torch.randn(lay.shape, generator=torch.Generator().manual_seed(seed * 10 + i),
-                                  dtype=torch.float64) for i, lay in enumerate(lays)}
+    truth = {
+        lay.key: torch.randn(
+            lay.shape, generator=torch.Generator().manual_seed(seed * 10 + i), dtype=torch.float64
+        )
+        for i, lay in enumerate(lays)
+    }
     fake = _FakeDist(world)
     monkeypatch.setattr(exchange, "dist", fake)
     results, errors = [None] * world, []
@@ -175,13 +184,24 @@ def test_exchange_gathers_and_scatters_exactly(seed, monkeypatch):
     def run(rank):
         fake.local.rank = rank
         try:
-            local = {k: torch.cat([truth[k].reshape(-1)[_flat_indices([p])] for p in plan.layout(k).slices[rank]])
-                     if plan.layout(k).slices[rank] else torch.empty(0, dtype=torch.float64) for k in truth}
+            local = {
+                k: torch.cat([truth[k].reshape(-1)[_flat_indices([p])] for p in plan.layout(k).slices[rank]])
+                if plan.layout(k).slices[rank]
+                else torch.empty(0, dtype=torch.float64)
+                for k in truth
+            }
             full = exchange.gather_to_owners(plan, local, None, dtype=torch.float64)
-            payload = {k: (torch.tensor([float(rank), 1.0, 2.0], dtype=torch.float64), 2 * v.reshape(-1),
-                           torch.full((3,), float(rank), dtype=torch.float64)) for k, v in full.items()}
-            back = exchange.scatter_from_owners(plan, payload, None, header_size=3,
-                                                extra_sizes={k: 3 for k in truth}, dtype=torch.float64)
+            payload = {
+                k: (
+                    torch.tensor([float(rank), 1.0, 2.0], dtype=torch.float64),
+                    2 * v.reshape(-1),
+                    torch.full((3,), float(rank), dtype=torch.float64),
+                )
+                for k, v in full.items()
+            }
+            back = exchange.scatter_from_owners(
+                plan, payload, None, header_size=3, extra_sizes={k: 3 for k in truth}, dtype=torch.float64
+            )
             results[rank] = (full, back, local)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
