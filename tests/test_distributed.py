@@ -74,7 +74,7 @@ def phases(tmp_path_factory):
     a = run_workers(phase_worker, 2, ckpt, None, True, False, timeout=400)
     b = run_workers(phase_worker, 4, ckpt, 2, True, False, timeout=400)
     c = run_workers(phase_worker, 2, ckpt, 4, False, True, timeout=400)
-    return {2: a, 4: b, "c": c}
+    return {2: a, 4: b, "c": c, "ckpt": ckpt}
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -144,6 +144,35 @@ def test_resume_is_exact(phases, mode, src, dst):
     res = phases[dst if (src, dst) != (4, 2) else "c"][0]["resume"]
     err, where = res[(mode, src, dst)]
     assert err < TOL, f"{mode} {src}->{dst}: {where} off by {err:.2e}"
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_resume_with_one_process_is_exact(phases, tmp_path_factory, mode):
+    """A DCP checkpoint written by 2 ranks (DDP replicas, FSDP2 row shards) loaded by one process without a
+    process group (torch's get/set_optimizer_state_dict on a plain model): equal to the uninterrupted run."""
+    from dist_scenarios import (
+        CKPT_AT,
+        CKPT_OPTS,
+        STEPS,
+        make_model,
+        make_opt,
+        max_rel_err,
+        reference_params,
+        train_steps,
+    )
+
+    from spectral_dist.distributed.checkpoint import load_checkpoint
+    from spectral_dist.optim import LocalEngine
+
+    ckpt = phases["ckpt"]
+    model = make_model(seed=123)
+    opt = make_opt(model, engine=LocalEngine(), lr=0.5, **CKPT_OPTS)
+    load_checkpoint(f"{ckpt}/{mode}_w2", model, opt)
+    assert opt.param_groups[0]["lr"] == 0.02  # hyperparameters come back from the checkpoint
+    train_steps(model, opt, STEPS - CKPT_AT, start=CKPT_AT)
+    got = {n: p.detach() for n, p in model.named_parameters()}
+    err, where = max_rel_err(got, reference_params(steps=STEPS, **CKPT_OPTS))
+    assert err < TOL, f"{mode} 2->1: {where} off by {err:.2e}"
 
 
 def test_faults_raise_naming_the_parameter(phases):
