@@ -537,7 +537,9 @@ def run_reproduction(setting: Setting, verbose: bool = True) -> tuple[list[dict]
             for arch in setting.archs:
                 t = time.perf_counter()
                 task = build_task(arch, setting, width)
-                notes[task.dataset] = task.batch_note
+                notes.setdefault(task.dataset, [])
+                if task.batch_note not in notes[task.dataset]:
+                    notes[task.dataset].append(task.batch_note)
                 r, tr = train_and_probe(task, setting, bar)
                 rows += r
                 traj += tr
@@ -551,7 +553,7 @@ def run_reproduction(setting: Setting, verbose: bool = True) -> tuple[list[dict]
         k_range=setting.k_range,
         top_k=setting.top_k,
         steps=setting.steps,
-        batch_notes=notes,
+        batch_notes={d: " | ".join(n) for d, n in notes.items()},
         independent=setting.independent,
     )
     return rows, traj, summary
@@ -732,7 +734,7 @@ def format_transfer_table(summary: dict) -> str:
         "",
         "| layer type | layers | alpha (A) mean ± sd | paper alpha | median R² of alpha fit | gamma A / B "
         "| s same-point (A) | s independent (eig C) | s Rayleigh C | rel err same-point | rel err independent "
-        "| rel err indep. data, Rayleigh s | median overlap |q_k·E_k| |",
+        "| rel err indep. data, Rayleigh s | median overlap abs(q_k·E_k) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t, d in s["types"].items():
