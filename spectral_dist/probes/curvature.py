@@ -338,6 +338,32 @@ class CurvatureProbe:
                 self.model.train()
             return self._measure(batch)
 
+    def gradient_singular_values(self, batch) -> dict[str, torch.Tensor]:
+        """Top ``top_k`` singular values (float64, descending) of each probed layer's gradient on ``batch``.
+
+        One gradient pass and the SVDs, no HVPs: the gradient spectrum of another batch or step, e.g. to fit
+        gamma (sigma_k ~ k^-gamma) on data independent of the batch the curvature was measured on. The model,
+        its gradients and the RNG are left as they were (as for :meth:`measure`)."""
+        self.layout.reshard()
+        params = [s["param"] for s in self.specs]
+        layout = self.layout
+        with preserve_training_state(self.model, self.optimizer):
+            if self.mode == "eval":
+                self.model.eval()
+            elif self.mode == "train":
+                self.model.train()
+            with torch.enable_grad(), math_attention():
+                loss = self.loss_fn(self.model, batch)
+                if layout.kind == "sharded":
+                    grads = layout.backward_grads(self.model, loss, params)
+                else:
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = [torch.zeros_like(layout.local(p)) if g is None else g for p, g in zip(params, grads)]
+            if layout.distributed and layout.kind == "replicated":
+                grads = layout.mean_flat([g.detach() for g in grads])
+            bases = self._bases(grads)
+        return {s["name"]: S.detach().double().cpu().clone() for s, (_U, S, _V) in zip(self.specs, bases)}
+
     def _measure(self, batch) -> ProbeReport:
         specs = self.specs
         params = [s["param"] for s in specs]
