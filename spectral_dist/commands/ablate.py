@@ -11,8 +11,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 NAME = "ablate"
 HELP = "expand recipe x optimizer x lr x seed into runs; print, run locally, or submit with sbatch"
 
@@ -41,7 +39,7 @@ class Job:
     lr: float
     seed: int
     output_dir: str
-    args: list[str]  # recipe script and its arguments
+    args: list[str]  # ``-m recipes.<recipe>`` and its arguments
 
     @property
     def name(self) -> str:
@@ -63,7 +61,7 @@ def expand_grid(
     jobs = []
     for recipe, opt, lr, seed in itertools.product(recipes, optimizers, lrs, seeds):
         out = str(Path(output_root) / recipe / opt / f"lr{float(lr):g}_s{int(seed)}")
-        args = [f"recipes/{recipe}.py"]
+        args = ["-m", f"recipes.{recipe}"]  # the recipes package, from the repository root
         cfg = Path(config_dir) / f"{recipe}.yaml"
         if (ROOT / cfg).exists() or cfg.exists():
             args += ["--config", str(cfg)]
@@ -154,6 +152,11 @@ def _settings(args) -> dict:
         config_dir="configs/recipes",
     )
     if args.grid:
+        from .._extras import require
+
+        require("yaml", extra="recipes", feature="spectral-dist ablate --grid")
+        import yaml
+
         path = Path(args.grid)
         if not path.is_file():
             raise ValueError(f"--grid {args.grid}: no such file")

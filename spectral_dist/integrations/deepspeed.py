@@ -47,10 +47,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..distributed.engine import OwnerEngine
-from ..distributed.layout import MatrixLayout, build_plan
-from ..optim.spectral_newton import SpectralNewton, validate_group
-from .deepspeed_compat import partition_entries
+from .._extras import require
+
+require("deepspeed", extra="deepspeed", feature="spectral_dist.deepspeed (the DeepSpeed ZeRO integration)")
+
+from .._warnings import filter_dependency_warnings  # noqa: E402
+
+filter_dependency_warnings()  # DeepSpeed's calls of deprecated torch.distributed functions (see there)
+
+from ..distributed.engine import OwnerEngine  # noqa: E402
+from ..distributed.layout import MatrixLayout, build_plan  # noqa: E402
+from ..optim.spectral_newton import SpectralNewton, validate_group  # noqa: E402
+from .deepspeed_compat import partition_entries  # noqa: E402
 
 __all__ = [
     "SPECTRAL_TYPE",

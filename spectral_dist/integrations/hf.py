@@ -25,12 +25,22 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler
 
-from ..logging.metrics import CURVATURE_KEYS
-from ..logging.metrics import curvature_metrics as _curvature_metrics
-from ..optim.classify import SPECTRAL_TYPES, classify_parameters
-from ..optim.spectral_newton import SpectralNewton
+from .._extras import require
+
+require(
+    "transformers",
+    "accelerate",
+    extra="hf",
+    feature="spectral_dist.integrations.hf (the Trainer integration)",
+)
+
+from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler  # noqa: E402
+
+from ..logging.metrics import CURVATURE_KEYS  # noqa: E402
+from ..logging.metrics import curvature_metrics as _curvature_metrics  # noqa: E402
+from ..optim.classify import SPECTRAL_TYPES, classify_parameters  # noqa: E402
+from ..optim.spectral_newton import SpectralNewton  # noqa: E402
 
 __all__ = [
     "CURVATURE_KEYS",
