@@ -9,6 +9,7 @@ from .._extras import require
 require("matplotlib", extra=("recipes", "report"), feature="spectral_dist.logging.plots")
 
 import matplotlib  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -37,6 +38,10 @@ def _draw(ax, sigma, h, alpha, title):
         logc = float(np.mean(np.log(h[pos]) - a * np.log(sigma[pos])))  # intercept given the fitted slope
         xs = np.geomspace(sigma[pos].min(), sigma[pos].max(), 50)
         ax.loglog(xs, np.exp(logc) * xs**a, "-", color="k", lw=1, label=f"alpha = {a:.2f}")
+    # compact sigma labels at 1, 2 and 5 per decade (matplotlib's 2x10^-3 style overlapped on short decades)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
+    ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0)))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
     ax.set_xlabel("sigma_k")
     ax.set_ylabel("h_k")
     ax.set_title(title, fontsize=10)
