@@ -115,6 +115,7 @@ def main(argv=None):
         eval_fn=lm_eval,
         eval_metrics=lm_metrics,
         main_metric="val/loss",
+        fsdp_block="GPT2Block",
     )
     return train(cfg, task)
 

@@ -100,6 +100,7 @@ def main(argv=None):
         train_data,
         val_data,
         cfg.label_smoothing,
+        fsdp_block="BasicBlock",
     )
     return train(cfg, task)
 

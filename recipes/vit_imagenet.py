@@ -99,6 +99,7 @@ def main(argv=None):
         train_data,
         val_data,
         cfg.label_smoothing,
+        fsdp_block="ViTLayer",  # not _no_split_modules: accelerate would also wrap ViTEmbeddings and then fail
     )
     return train(cfg, task)
 

@@ -241,6 +241,8 @@ def _check_launch(trainer: Trainer) -> None:
     FSDP asked for but not enabled (accelerate enables it only on GPUs)."""
     import os
 
+    from .launch import check_process_count
+
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     counted = trainer.accelerator.num_processes
     if launched > 1 and counted != launched:
@@ -250,6 +252,7 @@ def _check_launch(trainer: Trainer) -> None:
             "ACCELERATE_USE_CPU=true (gloo); DeepSpeed needs use_cpu=False and DS_ACCELERATOR=cpu "
             "(see docs/hf_trainer.md)"
         )
+    check_process_count(counted, "the Trainer's accelerator")  # accelerate launch asked for more
     if (
         getattr(trainer.args, "fsdp", None)
         and not trainer.is_fsdp_enabled
