@@ -6,11 +6,8 @@
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from spectral_dist.cli import main  # noqa: E402
+from spectral_dist.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["ablate", *sys.argv[1:]]))

@@ -1,8 +1,8 @@
 """GPT-2-style byte-level language model with SpectralNewton, AdamW or Muon.
 
-    accelerate launch recipes/gpt_lm.py                               # the stdlib's own source, CPU minutes
-    accelerate launch recipes/gpt_lm.py --data_path corpus.parquet --text_column text
-    accelerate launch recipes/gpt_lm.py --dataset /data/my_text_dataset   # datasets.save_to_disk
+    accelerate launch -m recipes.gpt_lm                               # the stdlib's own source, CPU minutes
+    accelerate launch -m recipes.gpt_lm --data_path corpus.parquet --text_column text
+    accelerate launch -m recipes.gpt_lm --dataset /data/my_text_dataset   # datasets.save_to_disk
 
 Data: bytes (vocabulary 256, no tokenizer to download) of the Python standard library's ``*.py`` files in
 sorted path order, every 20th file held out (default); a text file or a parquet file (``--data_path``); or a
@@ -15,36 +15,40 @@ Metrics: val/loss (nats per byte), val/bpb (bits per byte), val/ppl.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Literal
 
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common.config import TrainConfig, parse_config  # noqa: E402
-from common.data import TokenChunks, collate_tokens, stdlib_corpus, text_corpus  # noqa: E402
-from common.train import Task, train  # noqa: E402
+if __package__:  # python -m recipes.gpt_lm, accelerate launch -m recipes.gpt_lm
+    from .common.config import TrainConfig, opt, parse_config
+    from .common.data import TokenChunks, collate_tokens, stdlib_corpus, text_corpus
+    from .common.train import Task, train
+else:  # accelerate launch recipes/gpt_lm.py: Python puts this file's folder first on sys.path
+    from common.config import TrainConfig, opt, parse_config
+    from common.data import TokenChunks, collate_tokens, stdlib_corpus, text_corpus
+    from common.train import Task, train
 
 
 @dataclass
 class GPTRecipeConfig(TrainConfig):
-    data_path: str | None = None  # .txt (any text file) or .parquet
-    dataset: str | None = None  # datasets.load_from_disk path
-    text_column: str = "text"
-    max_corpus_bytes: int = 4_000_000  # 0: no limit
-    seq_len: int = 128
-    n_embd: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    dropout: float = 0.0
-    attn_implementation: str = "sdpa"
-    batch_size: int = 16
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    eval_batches: int = 20
-    output_dir: str = "outputs/gpt_lm"
+    data_path: str | None = opt(
+        None, "A text file (.txt or any other) or a .parquet file (None: the stdlib)."
+    )
+    dataset: str | None = opt(None, "A Hugging Face text dataset saved with save_to_disk.")
+    text_column: str = opt("text", "The text column of a parquet file or dataset.")
+    max_corpus_bytes: int = opt(4_000_000, "Use at most this many bytes of the corpus (0: no limit).")
+    seq_len: int = opt(128, "Context length in bytes.")
+    n_embd: int = opt(128, "Embedding size.")
+    n_layer: int = opt(4, "Transformer layers.")
+    n_head: int = opt(4, "Attention heads.")
+    dropout: float = opt(0.0, "Dropout of residuals, embeddings and attention.")
+    attn_implementation: Literal["eager", "sdpa"] = opt("sdpa", "transformers' attention implementation.")
+    batch_size: int = opt(16, "Sequences per process in each micro-batch.")
+    lr: float = opt(2e-3, "Peak learning rate of the matrix step (of all parameters under adamw).")
+    weight_decay: float = opt(0.1, "Decoupled weight decay (none on norms, biases and embeddings).")
+    eval_batches: int = opt(20, "Batches per evaluation (0: the whole validation split).")
+    output_dir: str = opt("outputs/gpt_lm", "Folder for metrics, W&B run, plots and checkpoints.")
 
     def validate(self):
         super().validate()
@@ -111,6 +115,7 @@ def main(argv=None):
         eval_fn=lm_eval,
         eval_metrics=lm_metrics,
         main_metric="val/loss",
+        fsdp_block="GPT2Block",
     )
     return train(cfg, task)
 

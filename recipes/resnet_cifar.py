@@ -1,7 +1,7 @@
 """ResNet image classification (convolutions: alpha ~ 2) with SpectralNewton, AdamW or Muon.
 
-    accelerate launch recipes/resnet_cifar.py                                   # digits, a few CPU minutes
-    accelerate launch recipes/resnet_cifar.py --config configs/recipes/resnet_cifar.yaml \
+    accelerate launch -m recipes.resnet_cifar                                   # digits, a few CPU minutes
+    accelerate launch -m recipes.resnet_cifar --config configs/recipes/resnet_cifar.yaml \
         --data_dir /data/cifar-10-batches-py                                    # CIFAR-10
 
 Data: scikit-learn's digits upsampled to 32x32 RGB (default), or CIFAR-10 from its python-pickle folder
@@ -17,30 +17,34 @@ alpha = 2 under ``--alpha by_layer``; Muon (2-D matrices only) leaves them to Ad
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common.config import TrainConfig, parse_config  # noqa: E402
-from common.data import cifar10_images, digits_images  # noqa: E402
-from common.tasks import classification_task  # noqa: E402
-from common.train import train  # noqa: E402
+if __package__:  # python -m recipes.resnet_cifar, accelerate launch -m recipes.resnet_cifar
+    from .common.config import TrainConfig, opt, parse_config
+    from .common.data import cifar10_images, digits_images
+    from .common.tasks import classification_task
+    from .common.train import train
+else:  # accelerate launch recipes/resnet_cifar.py: Python puts this file's folder first on sys.path
+    from common.config import TrainConfig, opt, parse_config
+    from common.data import cifar10_images, digits_images
+    from common.tasks import classification_task
+    from common.train import train
 
 
 @dataclass
 class ResNetRecipeConfig(TrainConfig):
-    data_dir: str | None = None  # cifar-10-batches-py folder (or its parent): a trusted copy
-    width: int = 16  # channels of the first stage; doubled at each later stage
-    stages: int = 3
-    blocks: int = 1  # basic blocks per stage (ResNet-20: 3)
-    label_smoothing: float = 0.0
-    lr: float = 2e-3
-    output_dir: str = "outputs/resnet_cifar"
+    data_dir: str | None = opt(
+        None, "CIFAR-10 cifar-10-batches-py folder (or its parent), a trusted copy (None: digits)."
+    )
+    width: int = opt(16, "Channels of the first stage; doubled at each later stage.")
+    stages: int = opt(3, "Stages of the ResNet.")
+    blocks: int = opt(1, "Basic blocks per stage (ResNet-20: 3).")
+    label_smoothing: float = opt(0.0, "Label smoothing of the training loss.")
+    lr: float = opt(2e-3, "Peak learning rate of the matrix step (of all parameters under adamw).")
+    output_dir: str = opt("outputs/resnet_cifar", "Folder for metrics, W&B run, plots and checkpoints.")
 
     def validate(self):
         super().validate()
@@ -96,6 +100,7 @@ def main(argv=None):
         train_data,
         val_data,
         cfg.label_smoothing,
+        fsdp_block="BasicBlock",
     )
     return train(cfg, task)
 

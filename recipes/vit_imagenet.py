@@ -1,8 +1,11 @@
 """Vision Transformer image classification with SpectralNewton, AdamW or Muon.
 
-    accelerate launch recipes/vit_imagenet.py                       # tiny ViT on digits, a few CPU minutes
-    accelerate launch recipes/vit_imagenet.py --config configs/recipes/vit_s16_imagenet.yaml \
+    accelerate launch -m recipes.vit_imagenet                       # tiny ViT on digits, a few CPU minutes
+    accelerate launch -m recipes.vit_imagenet --config configs/recipes/vit_s16_imagenet.yaml \
         --data_dir /data/imagenet                                   # ViT-S/16 on ImageNet
+
+(From the repository root; ``python -m recipes.vit_imagenet`` runs one process, and the file path
+``accelerate launch recipes/vit_imagenet.py`` works as well.)
 
 Data: scikit-learn's digits upsampled to 32x32 RGB (default, bundled, offline); ``--data_dir`` an
 ImageNet-style folder (train/<class>/*.JPEG, val/<class>/...); or ``--dataset`` a Hugging Face image
@@ -15,16 +18,19 @@ Model: transformers' ViTForImageClassification built from a config (no downloads
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Literal
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common.config import TrainConfig, parse_config  # noqa: E402
-from common.data import digits_images, load_image_data  # noqa: E402
-from common.tasks import classification_task  # noqa: E402
-from common.train import train  # noqa: E402
+if __package__:  # python -m recipes.vit_imagenet, accelerate launch -m recipes.vit_imagenet
+    from .common.config import TrainConfig, opt, parse_config
+    from .common.data import digits_images, load_image_data
+    from .common.tasks import classification_task
+    from .common.train import train
+else:  # accelerate launch recipes/vit_imagenet.py: Python puts this file's folder first on sys.path
+    from common.config import TrainConfig, opt, parse_config
+    from common.data import digits_images, load_image_data
+    from common.tasks import classification_task
+    from common.train import train
 
 VIT_SIZES = {  # hidden, layers, heads, patch (MLP 4x hidden)
     "vit_s16": (384, 12, 6, 16),
@@ -34,23 +40,21 @@ VIT_SIZES = {  # hidden, layers, heads, patch (MLP 4x hidden)
 
 @dataclass
 class ViTRecipeConfig(TrainConfig):
-    data_dir: str | None = None  # ImageNet-style folder with train/ and val/
-    dataset: str | None = None  # datasets.load_from_disk path
-    model: str = "tiny"  # tiny | vit_s16 | vit_b16
-    image_size: int | None = None  # None: 32 for tiny, 224 otherwise
-    patch_size: int = 8  # tiny only
-    hidden: int = 64  # tiny only
-    layers: int = 4  # tiny only
-    heads: int = 4  # tiny only
-    dropout: float = 0.0
-    label_smoothing: float = 0.0
-    attn_implementation: str = "sdpa"  # eager | sdpa
-    output_dir: str = "outputs/vit_imagenet"
+    data_dir: str | None = opt(None, "ImageNet-style folder with train/<class>/ and val/<class>/ images.")
+    dataset: str | None = opt(None, "A Hugging Face image dataset saved with save_to_disk.")
+    model: Literal["tiny", "vit_s16", "vit_b16"] = opt("tiny", "The ViT size.")
+    image_size: int | None = opt(None, "Image side in pixels (None: 32 for tiny, 224 otherwise).")
+    patch_size: int = opt(8, "Patch side in pixels (tiny only).")
+    hidden: int = opt(64, "Hidden size (tiny only).")
+    layers: int = opt(4, "Transformer layers (tiny only).")
+    heads: int = opt(4, "Attention heads (tiny only).")
+    dropout: float = opt(0.0, "Dropout of hidden states and attention probabilities.")
+    label_smoothing: float = opt(0.0, "Label smoothing of the training loss.")
+    attn_implementation: Literal["eager", "sdpa"] = opt("sdpa", "transformers' attention implementation.")
+    output_dir: str = opt("outputs/vit_imagenet", "Folder for metrics, W&B run, plots and checkpoints.")
 
     def validate(self):
         super().validate()
-        if self.model not in ("tiny", *VIT_SIZES):
-            raise ValueError(f"--model must be tiny, vit_s16 or vit_b16, got {self.model!r}")
         if self.data_dir and self.dataset:
             raise ValueError("give at most one of --data_dir and --dataset")
         if self.image_size is None:
@@ -95,6 +99,7 @@ def main(argv=None):
         train_data,
         val_data,
         cfg.label_smoothing,
+        fsdp_block="ViTLayer",  # not _no_split_modules: accelerate would also wrap ViTEmbeddings and then fail
     )
     return train(cfg, task)
 

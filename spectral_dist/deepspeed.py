@@ -1,6 +1,7 @@
 """``spectral_dist.deepspeed.initialize``: ``deepspeed.initialize`` with ``optimizer.type = spectral_newton``.
 
-See :mod:`spectral_dist.integrations.deepspeed`.
+``register()`` makes DeepSpeed's own ``deepspeed.initialize`` accept that type too (an explicit opt-in). See
+:mod:`spectral_dist.integrations.deepspeed`.
 """
 
 from .integrations.deepspeed import (
@@ -13,7 +14,10 @@ from .integrations.deepspeed import (
     initialize,
     is_spectral_config,
     load_config,
+    register,
+    resolve_auto,
     strip_optimizer,
+    unregister,
 )
 
 __all__ = [
@@ -26,5 +30,8 @@ __all__ = [
     "initialize",
     "is_spectral_config",
     "load_config",
+    "register",
+    "resolve_auto",
     "strip_optimizer",
+    "unregister",
 ]

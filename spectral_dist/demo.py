@@ -21,6 +21,9 @@ from .optim import SpectralNewton
 
 def load_digits_tensors(seed: int = 0):
     """Digits as (N, 1, 8, 8) float tensors scaled to [0, 1], split 80/20 with a fixed permutation."""
+    from ._extras import require
+
+    require("sklearn", extra="recipes", feature="spectral_dist.demo (scikit-learn's digits)")
     from sklearn.datasets import load_digits
 
     d = load_digits()

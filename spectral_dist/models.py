@@ -108,6 +108,9 @@ def tiny_vit(
     attn_implementation: str = "eager",
 ):
     """transformers ViTForImageClassification built from a config (eager attention: double backward works)."""
+    from ._extras import require
+
+    require("transformers", extra="hf", feature="models.tiny_vit")
     from transformers import ViTConfig, ViTForImageClassification
 
     cfg = ViTConfig(
@@ -135,6 +138,9 @@ def tiny_gpt(
     attn_implementation: str = "eager",
 ):
     """transformers GPT2LMHeadModel built from a config (byte-level vocabulary by default, no dropout)."""
+    from ._extras import require
+
+    require("transformers", extra="hf", feature="models.tiny_gpt")
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(

@@ -1,8 +1,8 @@
 """Turn finished runs into comparison tables and plots (no W&B API needed).
 
-A run is a folder with the recipes' ``metrics.jsonl`` (and ``config.json``), or a W&B offline run folder
-(``offline-run-*``, parsed from its ``run-*.wandb`` file). :func:`load_runs` finds runs under any number of
-paths; :func:`per_run` gives each run's best and final value of a metric and the first step at which it
+A run is a folder with the recipes' ``metrics.jsonl`` (and ``config.json``): the project's own record of
+every logged metric (W&B's offline run files are W&B's private format and are not read). :func:`load_runs`
+finds runs under any number of paths; :func:`per_run` gives each run's best and final value of a metric and the first step at which it
 reached a target; :func:`compare` aggregates over seeds (mean, std, min, max) per recipe, optimizer and
 learning rate, and :func:`best_per_optimizer` picks each optimizer's best learning rate.
 """
@@ -14,10 +14,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
+from ._extras import require
 
-from .logging.jsonl import read_jsonl
-from .logging.wandb_logger import read_offline_run
+require("pandas", "matplotlib", extra="report", feature="spectral_dist.reporting (spectral-dist report)")
+
+import pandas as pd  # noqa: E402
+
+from .logging.jsonl import read_jsonl  # noqa: E402
 
 __all__ = [
     "Run",
@@ -43,7 +46,7 @@ class Run:
     path: Path
     config: dict
     history: pd.DataFrame
-    source: str  # "jsonl" or "wandb"
+    source: str  # "jsonl"
     summary: dict = field(default_factory=dict)
 
     @property
@@ -79,62 +82,16 @@ def _from_jsonl(folder: Path) -> Run:
     return Run(config.get("run_name") or folder.name, folder, config, hist, "jsonl", summary)
 
 
-def _from_wandb(folder: Path) -> Run:
-    d = read_offline_run(folder)
-    config = {
-        k: (v.get("value") if isinstance(v, dict) and "value" in v else v) for k, v in d["config"].items()
-    }
-    hist = pd.DataFrame(d["history"])
-    if not hist.empty:
-        hist = hist.rename(columns={"_step": "step"})
-        hist = hist[[c for c in hist.columns if not c.startswith("_")]]
-        hist = hist.groupby("step", as_index=False).last()
-    name = config.get("run_name") or d["run_id"] or folder.name
-    return Run(str(name), folder, config, hist, "wandb", d["summary"])
-
-
-def load_runs(paths, prefer: str = "jsonl") -> list[Run]:
-    """All runs under ``paths`` (run folders or folders of runs). A run folder with both a JSONL log and a
-    W&B offline run is read once, from ``prefer`` (``"jsonl"`` or ``"wandb"``)."""
-    if prefer not in ("jsonl", "wandb"):
-        raise ValueError(f"prefer must be jsonl or wandb, got {prefer!r}")
-    runs, seen = [], set()
+def load_runs(paths) -> list[Run]:
+    """All runs under ``paths``: run folders (a recipe's ``output_dir``) or folders of runs."""
+    runs = []
     for p in [Path(x) for x in ([paths] if isinstance(paths, (str, Path)) else paths)]:
         if not p.exists():
             raise FileNotFoundError(f"{p}: no such run folder")
-        jsonl_dirs = sorted(
-            {f.parent for f in p.rglob("metrics.jsonl")} | ({p} if (p / "metrics.jsonl").exists() else set())
-        )
-        wandb_dirs = sorted(
-            d
-            for d in ([p] if p.name.startswith("offline-run-") else []) + list(p.rglob("offline-run-*"))
-            if d.is_dir() and not d.name.endswith(".abandoned")  # a killed run's rows after its checkpoint
-        )
-        owners = {}
-        for w in wandb_dirs:  # output_dir/wandb/offline-run-* belongs to output_dir
-            owner = w.parent.parent if w.parent.name == "wandb" else w
-            owners.setdefault(owner, []).append(w)
-        for d in jsonl_dirs:
-            if d in seen:
-                continue
-            if prefer == "wandb" and d in owners:
-                continue
-            seen.add(d)
+        for d in sorted({f.parent for f in p.rglob("metrics.jsonl")}):
             runs.append(_from_jsonl(d))
-        for owner, ws in owners.items():
-            if owner in seen or (prefer == "jsonl" and owner in jsonl_dirs):
-                continue
-            seen.add(owner)
-            parts = [_from_wandb(w) for w in sorted(ws)]  # a resumed run has one offline folder per launch
-            run = parts[0]
-            if len(parts) > 1:
-                run.history = pd.concat([r.history for r in parts]).groupby("step", as_index=False).last()
-            run.path = owner
-            runs.append(run)
     if not runs:
-        raise FileNotFoundError(
-            f"no runs (metrics.jsonl or wandb offline-run-*) under {list(map(str, paths))}"
-        )
+        raise FileNotFoundError(f"no runs (metrics.jsonl) under {[str(p) for p in paths]}")
     return runs
 
 
@@ -144,7 +101,8 @@ def metric_mode(metric: str) -> str:
 
 
 def per_run(runs: list[Run], metric: str, target: float | None = None, mode: str = "auto") -> pd.DataFrame:
-    """One row per run: recipe, optimizer, lr, seed, best, final, best_step, steps_to_target."""
+    """One row per run: recipe, optimizer, lr, seed, best, final, best_step; with a ``target``, also
+    steps_to_target (the first step at which the metric reached it, or empty)."""
     mode = metric_mode(metric) if mode == "auto" else mode
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be min, max or auto, got {mode!r}")
@@ -174,7 +132,7 @@ def per_run(runs: list[Run], metric: str, target: float | None = None, mode: str
                 best_step=int(s.loc[i, "step"]),
                 final=float(vals.iloc[-1]),
                 final_step=int(s["step"].iloc[-1]),
-                steps_to_target=reached,
+                **({"steps_to_target": reached} if target is not None else {}),
                 path=str(r.path),
             )
         )
@@ -184,13 +142,13 @@ def per_run(runs: list[Run], metric: str, target: float | None = None, mode: str
 
 
 def compare(table: pd.DataFrame, by=("recipe", "optimizer", "lr")) -> pd.DataFrame:
-    """Mean, std, min and max over seeds of best and final; steps to target (mean over the seeds that
-    reached it, and how many did)."""
+    """Mean, std, min and max over seeds of best and final; with a target (``steps_to_target`` not all
+    empty), steps to target: mean over the seeds that reached it, and how many did."""
     by = [b for b in by if b in table.columns]
     t = table.copy()
     t["lr"] = t["lr"].astype(str) if "lr" in t else t.get("lr")
     g = t.groupby(by, dropna=False)
-    out = g.agg(
+    aggs = dict(
         seeds=("best", "size"),
         best_mean=("best", "mean"),
         best_std=("best", "std"),
@@ -198,9 +156,13 @@ def compare(table: pd.DataFrame, by=("recipe", "optimizer", "lr")) -> pd.DataFra
         best_max=("best", "max"),
         final_mean=("final", "mean"),
         final_std=("final", "std"),
-        steps_to_target=("steps_to_target", lambda s: s.dropna().mean() if s.notna().any() else math.nan),
-        reached=("steps_to_target", lambda s: int(s.notna().sum())),
-    ).reset_index()
+    )
+    if "steps_to_target" in t:  # only with a target: without one nothing is "reached"
+        aggs.update(
+            steps_to_target=("steps_to_target", lambda s: s.dropna().mean() if s.notna().any() else math.nan),
+            reached=("steps_to_target", lambda s: int(s.notna().sum())),
+        )
+    out = g.agg(**aggs).reset_index()
     out["best_std"] = out["best_std"].fillna(0.0)
     out["final_std"] = out["final_std"].fillna(0.0)
     return out
@@ -241,7 +203,7 @@ def plot_curves(runs: list[Run], metric: str, path: Path, title: str = "") -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 5))
     groups: dict = {}
     for r in runs:
         if r.history.empty or metric not in r.history.columns:
@@ -251,16 +213,19 @@ def plot_curves(runs: list[Run], metric: str, path: Path, title: str = "") -> Pa
     if not groups:
         plt.close(fig)
         raise ValueError(f"no run logged the metric {metric!r}")
+    banded = False
     for (opt, lr), series in sorted(groups.items()):
         df = pd.concat(series, axis=1).sort_index()
         mean = df.mean(axis=1)
-        ax.plot(mean.index, mean.values, label=f"{opt} lr={lr} (n={df.shape[1]})")
+        ax.plot(mean.index, mean.values, label=f"{opt} lr={lr} (n={df.shape[1]} seeds)")
         if df.shape[1] > 1:
             ax.fill_between(df.index, df.min(axis=1), df.max(axis=1), alpha=0.2)
+            banded = True
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
-    ax.set_title(title or metric, fontsize=9)
-    ax.legend(fontsize=7)
+    how = "lines: mean over seeds; bands: min-max over seeds" if banded else "one seed per line"
+    ax.set_title(f"{title or metric}\n({how})", fontsize=11)
+    ax.legend(fontsize=9)
     return _save_figure(fig, path)
 
 
@@ -271,13 +236,14 @@ def _save_figure(fig, path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
 def plot_best(summary: pd.DataFrame, metric: str, path: Path) -> Path:
-    """Bar chart of the best value per optimizer (its best learning rate), with the spread over seeds."""
+    """Bar chart of the best value per optimizer (its best learning rate): the mean over seeds, with error
+    bars of one standard deviation over seeds (labelled on the chart)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,22 +252,25 @@ def plot_best(summary: pd.DataFrame, metric: str, path: Path) -> Path:
     labels = [
         f"{r.recipe}\n{r.optimizer}" if "recipe" in summary else r.optimizer for r in summary.itertuples()
     ]
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(labels)), 3.5))
-    ax.bar(range(len(labels)), summary["best_mean"], yerr=summary["best_std"], capsize=4)
+    labels = [f"{lab}\nn={int(n)}" for lab, n in zip(labels, summary["seeds"])]
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(labels)), 5))
+    ax.bar(range(len(labels)), summary["best_mean"], yerr=summary["best_std"], capsize=6)
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, fontsize=7)
-    ax.set_ylabel(f"best {metric}")
+    ax.set_xticklabels(labels, fontsize=10)
+    ax.set_ylabel(f"best {metric}: mean over seeds", fontsize=11)
+    ax.set_title(
+        f"best {metric} at each optimizer's best learning rate\nerror bars: ±1 standard deviation over the n seeds",
+        fontsize=11,
+    )
     return _save_figure(fig, path)
 
 
-def build_report(
-    paths, metric: str, out_dir, target: float | None = None, mode: str = "auto", prefer: str = "jsonl"
-) -> dict:
+def build_report(paths, metric: str, out_dir, target: float | None = None, mode: str = "auto") -> dict:
     """Load runs, write ``runs.csv``, ``summary.csv``, ``report.md`` and PNG plots to ``out_dir``.
 
     Returns {"runs": DataFrame, "summary": DataFrame, "best": DataFrame, "markdown": str, "plots": [paths]}.
     """
-    runs = load_runs(paths, prefer=prefer)
+    runs = load_runs(paths)
     mode = metric_mode(metric) if mode == "auto" else mode
     table = per_run(runs, metric, target, mode)
     summary = compare(table)
@@ -324,7 +293,7 @@ def build_report(
             f"# Optimizer comparison: {metric} ({'lower' if mode == 'min' else 'higher'} is better{tgt})",
             f"{len(table)} runs from {len({str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)})} "
             "path(s).",
-            "## Best learning rate per optimizer (mean and std over seeds)",
+            "## Best learning rate per optimizer (mean and std over seeds; the plot's error bars: ±1 std)",
             to_markdown(best[[c for c in best.columns if c not in ("final_std",)]]),
             "## All settings",
             to_markdown(summary),

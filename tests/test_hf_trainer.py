@@ -1,7 +1,8 @@
 """Hugging Face Trainer with SpectralNewton and SpectralDiagnosticsCallback: one process in-process, and two
 CPU processes through real launchers (``accelerate launch`` DDP, DeepSpeed ZeRO-2 under ``torchrun``, ZeRO-3
 under ``accelerate launch --use_deepspeed``, FSDP2 under ``torchrun``), each compared with one process on the
-same global batches; diagnostics keys checked in W&B's offline run file."""
+same global batches; diagnostics keys checked in what the processes handed to W&B (``wandb.Run.log``, recorded
+by tests/wandb_tap.py; W&B's own run files are its private format)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import wandb_tap
 from hf_trainer_script import STEPS, ByteCorpus, diagnostics_callback, make_args, make_model
 
 from spectral_dist.integrations.hf import (
@@ -22,7 +24,7 @@ from spectral_dist.integrations.hf import (
     repair_deepspeed_cpu_state,
     spectral_newton_optimizers,
 )
-from spectral_dist.logging import find_offline_runs, read_offline_run
+from spectral_dist.logging import find_offline_runs
 from spectral_dist.spectral import spectral_direction
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,13 +49,26 @@ def offline_wandb(tmp_path, monkeypatch):
     ).items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    return tmp_path
+    tap = tmp_path / "wandb_tap"
+    for k, v in wandb_tap.env(tap).items():  # processes the test starts record their W&B calls too
+        if os.environ.get(k) != v:
+            monkeypatch.setenv(k, v)
+    wandb_tap.install(tap)  # and so does this one
+    yield tmp_path
+    wandb_tap.uninstall()
+
+
+def _pythonpath() -> str:
+    return os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
 
 
 def _wandb_history(root: Path) -> list[dict]:
+    """The rows handed to W&B's Run.log, of the one W&B run under ``root``."""
     runs = find_offline_runs(root)
     assert len(runs) == 1, runs
-    return read_offline_run(runs[0])["history"]
+    rows = wandb_tap.rows(root / "wandb_tap")
+    assert {r["run_dir"] for r in rows} == {str(runs[0])}, (rows[:2], runs)
+    return [r["data"] for r in rows]
 
 
 def _check_diagnostics(history: list[dict], log_history: list[dict]) -> None:
@@ -105,7 +120,6 @@ class _Capture:
 
 
 def test_curvature_keys_match_recipes():
-    sys.path.insert(0, str(ROOT))
     from recipes.common.diagnostics import CURVATURE_KEYS as RECIPE_KEYS
 
     assert tuple(CURVATURE_KEYS) == tuple(RECIPE_KEYS)
@@ -236,7 +250,7 @@ def _free_port() -> int:
 def _launch(launcher: list[str], out: Path, *script_args: str, env_extra=None, expect_ok=True) -> list[dict]:
     """Run ``launcher tests/hf_trainer_script.py out *script_args`` (2 CPU processes); the per-rank results."""
     env = dict(
-        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", **(env_extra or {})
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=_pythonpath(), DS_ACCELERATOR="cpu", **(env_extra or {})
     )
     cmd = [*launcher, str(ROOT / "tests" / "hf_trainer_script.py"), str(out), *script_args]
     try:
@@ -367,7 +381,7 @@ def _check_probe_on_main(tmp: Path, res: list[dict]) -> None:
 @pytest.mark.slow
 def test_trainer_accelerate_launch_two_processes(offline_wandb):
     tmp = offline_wandb
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="true")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=_pythonpath(), ACCELERATE_USE_CPU="true")
     cmd = [
         str(Path(sys.executable).with_name("accelerate")),
         "launch",
@@ -439,7 +453,7 @@ def test_trainer_deepspeed_zero2_matches_plain(offline_wandb):
     env = dict(
         os.environ,
         OMP_NUM_THREADS="1",
-        PYTHONPATH=str(ROOT),
+        PYTHONPATH=_pythonpath(),
         DS_ACCELERATOR="cpu",
         CUDA_VISIBLE_DEVICES="",
         RANK="0",

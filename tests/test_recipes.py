@@ -1,6 +1,8 @@
 """The recipes end to end through the real ``accelerate launch`` on CPU: 1 and 2 processes (DDP), FSDP2 and
-DeepSpeed ZeRO-2 for the ViT, exact resume, the W&B offline run's diagnostics keys, and a report built
-from two finished runs. All runs are tiny (a few steps of small models) and start together in a fixture."""
+DeepSpeed ZeRO-2 for the ViT, exact resume, the diagnostics rows W&B received, and a report built from two
+finished runs. All runs are tiny (a few steps of small models) and start together in a fixture. Recipes run as
+a package (``accelerate launch -m recipes.<name>``); ``vit_1`` runs the file path
+(``accelerate launch recipes/vit_imagenet.py``), which works too."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import wandb_tap
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -75,37 +78,13 @@ TINY = {
         "60000",
     ],
 }
-ONE = [
-    "--cpu",
-    "--num_processes",
-    "1",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-]
-TWO = [
-    "--multi_gpu",
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-]
-FSDP2 = ["--config_file", "configs/accelerate/fsdp2.yaml", "--num_processes", "2", "--mixed_precision", "no"]
-ZERO2 = [
-    "--config_file",
-    "configs/accelerate/deepspeed_zero2.yaml",
-    "--num_processes",
-    "2",
-    "--mixed_precision",
-    "no",
-]
+# the shipped accelerate configs as they are, sized with --num_processes as their comments say (they name 8
+# GPUs); multi_gpu.yaml's bf16 included. deepspeed_zero3.yaml: tests/test_recipes_exact.py; multi_node.yaml:
+# tests/test_launch_paths.py (the Slurm template); deepspeed_test_zero*.yaml: tests/test_deepspeed_accelerate.py
+ONE = ["--config_file", "configs/accelerate/cpu.yaml"]
+TWO = ["--config_file", "configs/accelerate/multi_gpu.yaml", "--num_processes", "2"]
+FSDP2 = ["--config_file", "configs/accelerate/fsdp2.yaml", "--num_processes", "2"]
+ZERO2 = ["--config_file", "configs/accelerate/deepspeed_zero2.yaml", "--num_processes", "2"]
 MAX_PARALLEL = 3
 TIMEOUT = 600
 
@@ -116,14 +95,14 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(launch_args, recipe, out: Path, extra=()):
+def _launch(launch_args, recipe, out: Path, extra=(), as_file=False):
     cmd = [
         ACCELERATE,
         "launch",
         *launch_args,
         "--main_process_port",
         str(_port()),
-        f"recipes/{recipe}.py",
+        *([f"recipes/{recipe}.py"] if as_file else ["-m", f"recipes.{recipe}"]),
         *COMMON,
         *TINY[recipe],
         "--output_dir",
@@ -132,7 +111,8 @@ def _launch(launch_args, recipe, out: Path, extra=()):
     ]
     out.mkdir(parents=True, exist_ok=True)
     log = open(out.parent / f"{out.name}.log", "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT), log
+    env = wandb_tap.env(out.parent / f"{out.name}.tap", ENV)  # what each run hands to W&B
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log
 
 
 def make_jpeg_folder(root: Path, classes=3, per_class=(6, 3)) -> Path:
@@ -179,13 +159,14 @@ def runs(tmp_path_factory):
     cifar = make_cifar_folder(base / "cifar")
     parquet = make_parquet(base / "corpus.parquet")
     specs = {
-        "vit_1": (ONE, "vit_imagenet", []),
+        "vit_1": (ONE, "vit_imagenet", [], True),
         "vit_ddp_folder": (
             TWO,
             "vit_imagenet",
             ["--data_dir", str(data), "--image_size", "32", "--optimizer", "adamw"],
         ),
-        "vit_fsdp2": (FSDP2, "vit_imagenet", ["--batch_size", "4"]),
+        "vit_fsdp2": (FSDP2, "vit_imagenet", ["--batch_size", "4", "--mixed_precision", "no"]),
+        "resnet_fsdp2": (FSDP2, "resnet_cifar", ["--optimizer", "adamw"]),  # fsdp2.yaml wraps BasicBlock too
         "vit_zero2": (ZERO2, "vit_imagenet", []),
         "resnet_1": (ONE, "resnet_cifar", ["--grad_accum", "2", "--batch_size", "4"]),
         "resnet_ddp_cifar": (TWO, "resnet_cifar", ["--data_dir", str(cifar), "--optimizer", "adamw"]),
@@ -196,8 +177,8 @@ def runs(tmp_path_factory):
     t0 = time.time()
     while pending or running:
         while pending and len(running) < MAX_PARALLEL:
-            name, (la, recipe, extra) = pending.pop(0)
-            running[name] = _launch(la, recipe, base / name, extra)
+            name, (la, recipe, extra, *as_file) = pending.pop(0)
+            running[name] = _launch(la, recipe, base / name, extra, *as_file)
         for name, (proc, log) in list(running.items()):
             if proc.poll() is not None:
                 log.close()
@@ -245,6 +226,7 @@ def _last(records, key):
         ("vit_fsdp2", 2, "FSDP"),
         ("vit_zero2", 2, "DEEPSPEED"),
         ("resnet_1", 1, "NO"),
+        ("resnet_fsdp2", 2, "FSDP"),
         ("resnet_ddp_cifar", 2, "MULTI_CPU"),
         ("gpt_1", 1, "NO"),
         ("gpt_ddp_parquet", 2, "MULTI_CPU"),
@@ -270,10 +252,14 @@ def test_recipe_runs(runs, name, world, dist):
         for m in ("alpha", "gamma", "s", "s_pred", "rel_err", "participation_ratio"):
             assert f"{lay}/{m}" in last, (lay, m)
         assert np.isfinite(float(last[f"{lay}/participation_ratio"]))
-    if name.startswith("resnet"):  # conv layers: positive curvature, finite exponents even at init
+    # conv layers: positive curvature, finite exponents even at init (resnet_fsdp2 runs for the FSDP2 config's
+    # wrapping; its fd probe at step 4 measured mostly negative h_k, so no exponent: not checked here)
+    if name.startswith("resnet") and dist != "FSDP":
         assert any(np.isfinite(float(last[f"{lay}/alpha"])) for lay in layers)
     if dist != "DEEPSPEED":
         assert _last(recs, "traj/global/num_sketches") == 4
+    else:  # DeepSpeed's deprecated torch.distributed calls are filtered (spectral_dist/_warnings.py)
+        assert "FutureWarning" not in (out.parent / f"{name}.log").read_text()
 
 
 @pytest.mark.slow
@@ -318,13 +304,15 @@ def test_fsdp2_matches_single_process(runs):
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_holds_diagnostics(runs):
-    from spectral_dist.logging import read_wandb_run
+def test_wandb_received_diagnostics(runs):
+    """The rows the run handed to W&B (wandb.Run.log, recorded by tests/wandb_tap.py), and the finished
+    offline segments W&B wrote: one per checkpoint (steps 2 and 4) and the final one."""
+    from spectral_dist.logging import find_offline_runs
 
     out = _ok(runs, "vit_1")
-    run = read_wandb_run(out)  # one segment per checkpoint (steps 2 and 4) and the final one
-    assert run["segments"] == 3
-    keys = {k for row in run["history"] for k in row}
+    assert len(find_offline_runs(out)) == 3
+    rows = wandb_tap.rows(out.parent / "vit_1.tap")
+    keys = {k for row in rows for k in row["data"]}
     layer_keys = [k for k in keys if k.startswith("curv/") and k.endswith("/alpha")]
     assert layer_keys, sorted(keys)[:50]
     layer = layer_keys[0][: -len("/alpha")]
@@ -333,10 +321,20 @@ def test_wandb_offline_run_holds_diagnostics(runs):
     assert "traj/global/path_length/last" in keys and "traj/global/predictable_rank_90" in keys
     assert any(k.startswith("curv/loglog") for k in keys), "log-log plot not logged as an image"
     assert {"train/loss", "val/acc", "val/loss"} <= keys
-    assert (
-        run["config"]["git_sha"] == _config(out)["git_sha"]
-        and run["config"]["optimizer"] == "spectral_newton"
-    )
+    # every JSONL row reached W&B at its step with the same values
+    jsonl = {
+        (r["step"], k): v
+        for r in _records(out)
+        if r.get("step")
+        for k, v in r.items()
+        if k.startswith("train/")
+    }
+    wandb_rows = {(r["step"], k): v for r in rows for k, v in r["data"].items() if k.startswith("train/")}
+    assert jsonl == wandb_rows
+    # rows went to the finished segments (the last one, after the step-4 checkpoint, holds the summary only)
+    assert {Path(r["run_dir"]).name for r in rows} == {d.name for d in find_offline_runs(out)[:2]}
+    config = next(r["config"] for r in rows if "config" in r)
+    assert config["git_sha"] == _config(out)["git_sha"] and config["optimizer"] == "spectral_newton"
     assert list((out / "plots").glob("curv_loglog_step4.png"))
 
 
@@ -365,33 +363,18 @@ def test_resume_is_exact(runs, tmp_path):
 
 @pytest.mark.slow
 def test_report_from_two_runs(runs, tmp_path):
+    import pandas as pd
+
     from spectral_dist.cli import main
 
     a, b = _ok(runs, "resnet_1"), _ok(runs, "resnet_ddp_cifar")
-    for source in ("jsonl", "wandb"):
-        out = tmp_path / f"report_{source}"
-        rc = main(
-            [
-                "report",
-                str(a),
-                str(b),
-                "--metric",
-                "val/loss",
-                "--target",
-                "100",
-                "--out",
-                str(out),
-                "--source",
-                source,
-            ]
-        )
-        assert rc == 0
-        md = (out / "report.md").read_text()
-        assert "| resnet_cifar | adamw |" in md and "| resnet_cifar | spectral_newton |" in md
-        assert (out / "resnet_cifar_val_loss_curves.png").stat().st_size > 1000
-        assert (out / "best_val_loss.png").stat().st_size > 1000
-        import pandas as pd
-
-        summary = pd.read_csv(out / "summary.csv")
-        assert set(summary["optimizer"]) == {"adamw", "spectral_newton"}
-        assert (summary["reached"] == 1).all() and (summary["steps_to_target"] == 2).all()
+    out = tmp_path / "report"
+    rc = main(["report", str(a), str(b), "--metric", "val/loss", "--target", "100", "--out", str(out)])
+    assert rc == 0
+    md = (out / "report.md").read_text()
+    assert "| resnet_cifar | adamw |" in md and "| resnet_cifar | spectral_newton |" in md
+    assert (out / "resnet_cifar_val_loss_curves.png").stat().st_size > 1000
+    assert (out / "best_val_loss.png").stat().st_size > 1000
+    summary = pd.read_csv(out / "summary.csv")
+    assert set(summary["optimizer"]) == {"adamw", "spectral_newton"}
+    assert (summary["reached"] == 1).all() and (summary["steps_to_target"] == 2).all()

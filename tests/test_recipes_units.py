@@ -3,45 +3,76 @@
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from recipes.common import data as D
+from recipes.common.config import parse_config
+from recipes.common.optim import MuonWithAdamW, build_optimizer, warmup_cosine
+from recipes.vit_imagenet import ViTRecipeConfig, build_model
+from spectral_dist.optim import SpectralNewton
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-
-from common import data as D  # noqa: E402
-from common.config import parse_config  # noqa: E402
-from common.optim import MuonWithAdamW, build_optimizer, warmup_cosine  # noqa: E402
-from vit_imagenet import ViTRecipeConfig, build_model  # noqa: E402
-
-from spectral_dist.optim import SpectralNewton  # noqa: E402
 
 
-def test_config_precedence_and_errors(tmp_path):
+def test_config_precedence_and_errors(tmp_path, capsys):
     y = tmp_path / "c.yaml"
-    y.write_text("lr: 0.01\nhidden: 48\nbetas: [0.8, 0.9]\nmixed_precision: bf16\n")
+    y.write_text(
+        "lr: 0.01\nhidden: 48\nbetas: [0.8, 0.9]\nmixed_precision: bf16\nprogress: false\nresume: null\n"
+    )
     cfg = parse_config(ViTRecipeConfig, ["--config", str(y), "--lr", "0.02", "--resume", "none"])
-    assert cfg.lr == 0.02 and cfg.hidden == 48 and cfg.betas == (0.8, 0.9) and cfg.resume is None
-    assert cfg.image_size == 32 and cfg.mixed_precision == "bf16"
+    assert cfg.lr == 0.02 and cfg.hidden == 48 and cfg.betas == [0.8, 0.9] and cfg.resume is None
+    assert cfg.image_size == 32 and cfg.mixed_precision == "bf16" and cfg.progress is False
     assert parse_config(ViTRecipeConfig, ["--model", "vit_s16"]).image_size == 224
     assert parse_config(ViTRecipeConfig, ["--progress", "false"]).progress is False
+    assert parse_config(ViTRecipeConfig, ["--config", str(y), "--progress", "true"]).progress is True
+    assert parse_config(ViTRecipeConfig, ["--betas", "0.5", "0.6"]).betas == [0.5, 0.6]
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: 0.1\n")
-    for argv in (
-        ["--config", str(bad)],
-        ["--optimizer", "sgd"],
-        ["--max_steps", "1.5"],
-        ["--model", "vit_h14"],
-        ["--image_size", "30"],
-        ["--data_dir", "a", "--dataset", "b"],
-        ["--mixed_precision", "fp8"],
-        ["--config", str(tmp_path / "missing.yaml")],
+    typed = tmp_path / "typed.yaml"
+    typed.write_text("max_steps: 1.5\n")
+    for argv, says in (
+        (["--config", str(bad)], "unknown field 'learning_rate'"),
+        (
+            ["--config", str(typed)],
+            f"--config {typed}: argument --max_steps/--max-steps: invalid int value: '1.5'",
+        ),
+        (["--optimizer", "sgd"], "invalid choice"),
+        (["--max_steps", "1.5"], "invalid int value"),
+        (["--model", "vit_h14"], "invalid choice"),
+        (["--image_size", "30"], "not a multiple of the patch size"),
+        (["--data_dir", "a", "--dataset", "b"], "at most one of"),
+        (["--mixed_precision", "fp8"], "--mixed_precision must be"),
+        (["--betas", "0.9"], "--betas takes two values"),
+        (["--config", str(tmp_path / "missing.yaml")], "no such file"),
     ):
         with pytest.raises(SystemExit):
             parse_config(ViTRecipeConfig, argv)
+        assert says in capsys.readouterr().err, argv
+
+
+@pytest.mark.parametrize("recipe", ["vit_imagenet", "resnet_cifar", "gpt_lm"])
+def test_help_shows_every_default_and_a_sentence(recipe, capsys):
+    """``--help``: every flag of the recipe's config with a sentence of help and its default."""
+    import argparse
+    import dataclasses
+    import importlib
+
+    mod = importlib.import_module(f"recipes.{recipe}")
+    cls = next(v for k, v in vars(mod).items() if k.endswith("RecipeConfig"))
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps lines
+    for f in dataclasses.fields(cls):
+        help_text = f.metadata.get("help", "")
+        assert len(help_text.split()) >= 2 and help_text.endswith("."), (f.name, help_text)
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        assert f"--{f.name}" in text, f.name
+        assert f"{' '.join(help_text.split())} (default: {default})" in text, (f.name, help_text, default)
+    assert isinstance(argparse.ArgumentDefaultsHelpFormatter, type)
 
 
 def test_sampler_resumes_exactly_and_shards():
@@ -213,7 +244,7 @@ def test_optimizers_step_and_round_trip(name):
 
 
 def test_muon_needs_hidden_matrices():
-    from resnet_cifar import ResNet, ResNetRecipeConfig
+    from recipes.resnet_cifar import ResNet, ResNetRecipeConfig
 
     cfg = parse_config(ResNetRecipeConfig, ["--optimizer", "muon"])
     with pytest.raises(ValueError, match="no 2-D hidden matrices"):
@@ -222,8 +253,9 @@ def test_muon_needs_hidden_matrices():
 
 def test_accelerate_and_recipe_configs_are_valid():
     import yaml
-    from gpt_lm import GPTRecipeConfig
-    from resnet_cifar import ResNetRecipeConfig
+
+    from recipes.gpt_lm import GPTRecipeConfig
+    from recipes.resnet_cifar import ResNetRecipeConfig
 
     kinds = {}
     for f in sorted((ROOT / "configs" / "accelerate").glob("*.yaml")):

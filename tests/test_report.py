@@ -47,6 +47,20 @@ def test_report_table_and_plots(tmp_path):
     assert pd.read_csv(tmp_path / "out" / "runs.csv").shape[0] == 5
 
 
+def test_report_without_target_has_no_reached_columns(tmp_path, capsys):
+    _fake_run(tmp_path, "adamw", 0, [0.2, 0.5])
+    _fake_run(tmp_path, "adamw", 1, [0.3, 0.6])
+    rep = build_report([tmp_path], "val/acc", tmp_path / "out")
+    assert "reached" not in rep["summary"] and "steps_to_target" not in rep["runs"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "reached" not in md and "steps_to_target" not in md and "±1 std" in md
+    from PIL import Image
+
+    for png in ("vit_imagenet_val_acc_curves.png", "best_val_acc.png"):
+        w, h = Image.open(tmp_path / "out" / png).size
+        assert w >= 700 and h >= 550, (png, w, h)  # readable
+
+
 def test_report_cli_and_errors(tmp_path, capsys):
     _fake_run(tmp_path, "adamw", 0, [0.2, 0.5])
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 0  # metric from main_metric
@@ -67,7 +81,7 @@ def test_ablate_grid_and_cli(tmp_path, capsys):
     )
     assert len(jobs) == 16 and len({j.output_dir for j in jobs}) == 16
     j = jobs[0]
-    assert j.args[:3] == ["recipes/vit_imagenet.py", "--config", "configs/recipes/vit_imagenet.yaml"]
+    assert j.args[:4] == ["-m", "recipes.vit_imagenet", "--config", "configs/recipes/vit_imagenet.yaml"]
     assert ["--max_steps", "5"] == j.args[-2:] and "--seed" in j.args
     with pytest.raises(ValueError, match="unknown optimizer"):
         expand_grid(["vit_imagenet"], ["sgd"], [1e-3], [0], tmp_path)
@@ -78,7 +92,7 @@ def test_ablate_grid_and_cli(tmp_path, capsys):
     assert main(["ablate", "--grid", str(grid), "--launcher", "accelerate launch --cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 6 and all(
-        x.startswith("accelerate launch --cpu recipes/resnet_cifar.py") for x in lines
+        x.startswith("accelerate launch --cpu -m recipes.resnet_cifar") for x in lines
     )
     grid.write_text("recipes: [resnet_cifar]\nlearning_rates: [1]\n")
     assert main(["ablate", "--grid", str(grid)]) == 2

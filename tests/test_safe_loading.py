@@ -26,7 +26,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
 
 # ----------------------------------------------------------------------------------------------- the scan
 
@@ -352,8 +351,9 @@ def _real_cifar_batch(n: int = 4) -> dict:
 
 @pytest.mark.parametrize("kind", ["exec", "os.system", "subprocess"])
 def test_cifar_loader_refuses_crafted_batch(tmp_path, kind):
-    from common import data as D
     from test_recipes import make_cifar_folder
+
+    from recipes.common import data as D
 
     folder = make_cifar_folder(tmp_path / "c", per_batch=4)
     train, test = D.cifar10_images(folder)
@@ -372,7 +372,7 @@ def test_cifar_loader_refuses_crafted_batch(tmp_path, kind):
 
 
 def test_cifar_unpickler_allows_numpy_arrays_only(tmp_path):
-    from common.data import CifarUnpickler
+    from recipes.common.data import CifarUnpickler
 
     def read(obj, protocol):
         path = tmp_path / "b"
@@ -397,9 +397,8 @@ def test_cifar_unpickler_allows_numpy_arrays_only(tmp_path):
 
 
 def test_recipe_resume_refuses_crafted_checkpoint(tmp_path):
-    from common.optim import warmup_cosine
-    from common.train import TrainState, check_checkpoint_files
-
+    from recipes.common.optim import warmup_cosine
+    from recipes.common.train import TrainState, check_checkpoint_files
     from spectral_dist.diagnostics import TrajectoryMonitor
 
     ckpt = tmp_path / "step_4"
@@ -439,10 +438,10 @@ def test_recipe_checkpoint_written_by_accelerate_passes(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, torch
-        sys.path.insert(0, {str(ROOT / "recipes")!r})
+        sys.path.insert(0, {str(ROOT)!r})
         from accelerate import Accelerator
-        from common.optim import warmup_cosine
-        from common.train import TrainState, check_checkpoint_files
+        from recipes.common.optim import warmup_cosine
+        from recipes.common.train import TrainState, check_checkpoint_files
         from spectral_dist.diagnostics import TrajectoryMonitor
 
         def setup():
@@ -480,7 +479,17 @@ def test_recipe_resume_end_to_end(tmp_path):
     env = dict(
         os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT)
     )
-    base = [sys.executable, "recipes/resnet_cifar.py", "--width", "4", "--stages", "1", "--batch_size", "8"]
+    base = [
+        sys.executable,
+        "-m",
+        "recipes.resnet_cifar",
+        "--width",
+        "4",
+        "--stages",
+        "1",
+        "--batch_size",
+        "8",
+    ]
     base += ["--eval_every", "0", "--eval_batches", "1", "--diag_every", "0", "--traj_sketch_dim", "8"]
     base += ["--progress", "false", "--wandb_mode", "disabled", "--output_dir", str(out)]
 

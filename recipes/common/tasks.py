@@ -44,7 +44,9 @@ def classification_metrics(sums):
     return {"val/loss": sums["loss_sum"] / n, "val/acc": sums["correct"] / n}
 
 
-def classification_task(name: str, build_model, train_data, val_data, label_smoothing: float = 0.0) -> Task:
+def classification_task(
+    name: str, build_model, train_data, val_data, label_smoothing: float = 0.0, fsdp_block: str | None = None
+) -> Task:
     """The image-classification :class:`Task` of the ViT and ResNet recipes (val/acc is the main metric)."""
     return Task(
         name=name,
@@ -56,4 +58,5 @@ def classification_task(name: str, build_model, train_data, val_data, label_smoo
         eval_fn=classification_eval,
         eval_metrics=classification_metrics,
         main_metric="val/acc",
+        fsdp_block=fsdp_block,
     )

@@ -28,6 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
+from spectral_dist.integrations.launch import check_process_count
 from spectral_dist.logging import RunLogger
 
 from .accel import make_accelerator
@@ -53,6 +54,8 @@ class Task:
         eval_fn: ``(model, batch, mask) -> {name: summed tensor}``; sums are reduced over processes.
         eval_metrics: ``sums -> {"val/...": float}``.
         main_metric: the key of ``eval_metrics`` reports rank runs by (e.g. ``val/acc``).
+        fsdp_block: the model's block class, each an FSDP unit under an FSDP config with
+            ``TRANSFORMER_BASED_WRAP`` that names no ``fsdp_transformer_layer_cls_to_wrap``.
     """
 
     name: str
@@ -65,6 +68,7 @@ class Task:
     eval_metrics: Callable
     main_metric: str
     to_device: Callable | None = None
+    fsdp_block: str | None = None
 
 
 class TrainState:
@@ -263,7 +267,11 @@ def _save(accelerator, cfg, state: TrainState, logger=None):
 
 def train(cfg, task: Task) -> dict:
     """Train ``task`` as ``cfg`` says; returns the final metrics (on every process)."""
+    if task.fsdp_block and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        # the block each FSDP unit wraps, unless the accelerate config (or its flag) names one
+        os.environ.setdefault("FSDP_TRANSFORMER_CLS_TO_WRAP", task.fsdp_block)
     accelerator = make_accelerator(cfg)
+    check_process_count(accelerator.num_processes, "the recipe's Accelerator")  # asked for N, got fewer: stop
     dist = accelerator.distributed_type
     set_seed(cfg.seed)  # same seed everywhere: identical initial weights on every process
     model = task.build_model(cfg)

@@ -1,4 +1,4 @@
-"""``spectral-dist report``: comparison table and plots from finished runs (JSONL logs or W&B offline runs)."""
+"""``spectral-dist report``: comparison table and plots from finished runs (their ``metrics.jsonl`` logs)."""
 
 from __future__ import annotations
 
@@ -25,12 +25,6 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--out", default="outputs/report", help="output folder (report.md, runs.csv, summary.csv, *.png)"
     )
-    p.add_argument(
-        "--source",
-        choices=("jsonl", "wandb"),
-        default="jsonl",
-        help="read runs that have both from their JSONL log or their W&B offline run",
-    )
 
 
 def run(args) -> int:
@@ -38,15 +32,13 @@ def run(args) -> int:
 
     metric = args.metric
     if metric is None:
-        mains = {r.config.get("main_metric") for r in load_runs(args.paths, prefer=args.source)} - {None}
+        mains = {r.config.get("main_metric") for r in load_runs(args.paths)} - {None}
         if len(mains) != 1:
             print(f"error: runs have main metrics {sorted(mains)}; pass --metric", file=sys.stderr)
             return 2
         metric = mains.pop()
     try:
-        rep = build_report(
-            args.paths, metric, args.out, target=args.target, mode=args.mode, prefer=args.source
-        )
+        rep = build_report(args.paths, metric, args.out, target=args.target, mode=args.mode)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import os
 
-from .deepspeed import attach, build_optimizer, check_config, is_spectral_config
+from .._extras import require
+
+require("accelerate", extra="hf", feature="spectral_dist.integrations.accelerate")
+
+from .deepspeed import attach, build_optimizer, check_config, is_spectral_config  # noqa: E402
 
 __all__ = ["prepare_spectral_newton"]
 

@@ -37,6 +37,7 @@ where a single-process SpectralNewton would skip it.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import os
@@ -47,10 +48,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..distributed.engine import OwnerEngine
-from ..distributed.layout import MatrixLayout, build_plan
-from ..optim.spectral_newton import SpectralNewton, validate_group
-from .deepspeed_compat import partition_entries
+from .._extras import require
+
+require("deepspeed", extra="deepspeed", feature="spectral_dist.deepspeed (the DeepSpeed ZeRO integration)")
+
+from .._warnings import filter_dependency_warnings  # noqa: E402
+
+filter_dependency_warnings()  # DeepSpeed's calls of deprecated torch.distributed functions (see there)
+
+from ..distributed.engine import OwnerEngine  # noqa: E402
+from ..distributed.layout import MatrixLayout, build_plan  # noqa: E402
+from ..optim.spectral_newton import SpectralNewton, validate_group  # noqa: E402
+from .deepspeed_compat import partition_entries  # noqa: E402
 
 __all__ = [
     "SPECTRAL_TYPE",
@@ -62,7 +71,10 @@ __all__ = [
     "initialize",
     "is_spectral_config",
     "load_config",
+    "register",
+    "resolve_auto",
     "strip_optimizer",
+    "unregister",
 ]
 
 SPECTRAL_TYPE = "spectral_newton"
@@ -122,6 +134,13 @@ def check_config(cfg: Mapping) -> dict:
             'set "zero_optimization": {"stage": 1} (or 2, 3); without ZeRO use SpectralNewton directly '
             "(it shards the matrix step over a process group by itself)"
         )
+    for key in ("cpu_offload", "cpu_offload_params", "cpu_offload_use_pin_memory"):
+        if zero.get(key):
+            raise SpectralConfigError(
+                f"zero_optimization.{key}=true (DeepSpeed's legacy form of offload_optimizer/offload_param) is not "
+                "supported with spectral_newton (offload swaps the fp32 partitions the matrix exchange reads): "
+                f"remove zero_optimization.{key}"
+            )
     for key in ("offload_optimizer", "offload_param"):
         dev = (zero.get(key) or {}).get("device", "none")
         if dev not in (None, "none"):
@@ -176,9 +195,61 @@ def check_config(cfg: Mapping) -> dict:
         if v == "auto" and k != "alpha":
             raise SpectralConfigError(
                 f'optimizer.params.{k}="auto" is not resolved for spectral_newton: give a number '
-                "(with accelerate, pass it to prepare_spectral_newton(..., {k}=...))"
+                f"(with accelerate, pass it to prepare_spectral_newton(..., {k}=...))"
             )
     return params
+
+
+def _autos(cfg, prefix=""):
+    for key, value in cfg.items():
+        if isinstance(value, Mapping):
+            yield from _autos(value, f"{prefix}{key}.")
+        elif value == "auto":
+            yield f"{prefix}{key}"
+
+
+def resolve_auto(cfg: Mapping, world_size: int | None = None) -> dict:
+    """A copy of ``cfg`` with its ``"auto"`` values resolved as accelerate resolves them when it is told
+    nothing else: ``gradient_accumulation_steps`` 1, ``gradient_clipping`` 1.0, ``fp16``/``bf16.enabled``
+    false (mixed precision "no"), ``zero_optimization.stage3_gather_16bit_weights_on_model_save`` false,
+    ``train_batch_size`` computed (micro-batch x accumulation x ``world_size``) or left to DeepSpeed.
+
+    ``train_micro_batch_size_per_gpu`` comes from the data loader under accelerate and the HF Trainer; without
+    one, an ``"auto"`` there is refused (as accelerate does) unless ``train_batch_size`` is a number, and so is
+    every other ``"auto"``: :class:`SpectralConfigError` names the key and the value to set."""
+    out = copy.deepcopy(dict(cfg))
+    if out.get("gradient_accumulation_steps") == "auto":
+        out["gradient_accumulation_steps"] = 1
+    if out.get("gradient_clipping") == "auto":
+        out["gradient_clipping"] = 1.0
+    for key in ("fp16", "bf16"):
+        if isinstance(out.get(key), Mapping) and out[key].get("enabled") == "auto":
+            out[key] = {**out[key], "enabled": False}
+    zero = out.get("zero_optimization")
+    if isinstance(zero, Mapping) and zero.get("stage3_gather_16bit_weights_on_model_save") == "auto":
+        out["zero_optimization"] = {**zero, "stage3_gather_16bit_weights_on_model_save": False}
+    micro, total = out.get("train_micro_batch_size_per_gpu"), out.get("train_batch_size")
+    if micro == "auto":
+        if total in (None, "auto"):
+            raise SpectralConfigError(
+                'train_micro_batch_size_per_gpu="auto" is filled in from the data loader by accelerate and the HF '
+                "Trainer; spectral_dist.deepspeed.initialize has none: set it to the per-process micro-batch "
+                'size, e.g. config["train_micro_batch_size_per_gpu"] = 8 (or give train_batch_size)'
+            )
+        del out["train_micro_batch_size_per_gpu"]  # DeepSpeed derives it from train_batch_size
+    if out.get("train_batch_size") == "auto":
+        del out["train_batch_size"]
+        if world_size is not None and isinstance(out.get("train_micro_batch_size_per_gpu"), int):
+            gas = int(out.get("gradient_accumulation_steps") or 1)
+            out["train_batch_size"] = out["train_micro_batch_size_per_gpu"] * gas * world_size
+    left = list(_autos(out))
+    if left:
+        raise SpectralConfigError(
+            f'{", ".join(left)}: "auto" is filled in by accelerate or the HF Trainer (from the model, the data '
+            "loader or the training arguments); spectral_dist.deepspeed.initialize cannot: set "
+            f"{'it' if len(left) == 1 else 'them'} to a value"
+        )
+    return out
 
 
 def strip_optimizer(cfg: Mapping) -> dict:
@@ -526,10 +597,16 @@ def initialize(
     mesh_param=None,
     config_params=None,
 ):
-    """``deepspeed.initialize`` with ``"optimizer": {"type": "spectral_newton"}`` support (same returns)."""
-    import deepspeed
+    """``deepspeed.initialize`` with ``"optimizer": {"type": "spectral_newton"}`` support (same returns).
+
+    Any config (spectral_newton or not) has its ``"auto"`` values resolved first (:func:`resolve_auto`), so the
+    shipped ``configs/deepspeed/*.json`` work here as they do under accelerate once
+    ``train_micro_batch_size_per_gpu`` is set. ``model_parameters`` with the default ``alpha: by_layer`` is
+    refused: the layer types come from the model, so leave ``model_parameters`` out (every trainable parameter
+    is optimised, grouped by layer type), or give ``alpha`` a number."""
     from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
 
+    ds_initialize = _deepspeed_initialize()
     if distributed_port is None:
         distributed_port = TORCH_DISTRIBUTED_DEFAULT_PORT
     kwargs = dict(
@@ -551,16 +628,23 @@ def initialize(
     from_args = source is None and getattr(args, "deepspeed_config", None) is not None
     if from_args:
         source = args.deepspeed_config
-    if source is None or not is_spectral_config(source):
-        if isinstance(optimizer, SpectralNewton) and not isinstance(optimizer, ZeroSpectralNewton) and source:
-            stage = int((load_config(source).get("zero_optimization") or {}).get("stage", 0))
+        args = copy.copy(args)
+        args.deepspeed_config = None  # DeepSpeed takes the config from one place: config= below
+    if source is None:
+        return ds_initialize(**kwargs)
+    cfg = load_config(source)
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if not is_spectral_config(cfg):
+        if isinstance(optimizer, SpectralNewton) and not isinstance(optimizer, ZeroSpectralNewton):
+            stage = int((cfg.get("zero_optimization") or {}).get("stage", 0))
             if stage > 0:
                 raise SpectralConfigError(
                     f"a SpectralNewton passed as optimizer= to ZeRO stage {stage} would only see flat 1-D "
                     'partitions and silently run as SGD/AdamW: put "optimizer": {"type": "spectral_newton", '
                     '"params": {...}} in the config instead of passing the optimizer'
                 )
-        return deepspeed.initialize(**kwargs)
+        kwargs.update(args=args, config=resolve_auto(cfg, world), config_params=None)
+        return ds_initialize(**kwargs)
     if optimizer is not None:
         raise SpectralConfigError(
             'the config says "optimizer": {"type": "spectral_newton"} and an optimizer was passed too: remove '
@@ -568,13 +652,71 @@ def initialize(
         )
     if model is None:
         raise ValueError("initialize requires a model")
-    cfg = load_config(source)
     params = check_config(cfg)
+    cfg = resolve_auto(cfg, world)
     opt = build_optimizer(model, params, model_parameters)
-    if from_args:
-        args = copy.copy(args)
-        args.deepspeed_config = None
     kwargs.update(args=args, optimizer=opt, config=strip_optimizer(cfg), config_params=None)
-    engine, zopt, loader, sched = deepspeed.initialize(**kwargs)
+    engine, zopt, loader, sched = ds_initialize(**kwargs)
     attach(opt, engine)
     return engine, zopt, loader, sched
+
+
+# ---------------------------------------------------------------------------------------------- register
+_ORIGINAL_INITIALIZE = None
+
+
+def _deepspeed_initialize():
+    """DeepSpeed's own ``deepspeed.initialize`` (also after :func:`register` replaced the module attribute)."""
+    import deepspeed
+
+    return _ORIGINAL_INITIALIZE or deepspeed.initialize
+
+
+def register() -> None:
+    """Opt in: make DeepSpeed's own ``deepspeed.initialize`` accept ``"type": "spectral_newton"``.
+
+    DeepSpeed has no public registry of optimizer types, and its engine refuses unknown ones ("spectral_newton
+    is not a supported DeepSpeed Optimizer"). ``register()`` replaces the module attribute
+    ``deepspeed.initialize`` with a function that sends a config naming spectral_newton to :func:`initialize`
+    and every other call to DeepSpeed's function unchanged. It relies only on that public function's
+    keyword arguments, not on DeepSpeed's internals, so it holds across DeepSpeed versions. Call it before
+    ``deepspeed.initialize``, and call that as ``deepspeed.initialize`` (a name bound earlier with ``from
+    deepspeed import initialize`` keeps DeepSpeed's own). Idempotent; :func:`unregister` undoes it.
+    """
+    global _ORIGINAL_INITIALIZE
+    import deepspeed
+
+    if _ORIGINAL_INITIALIZE is not None:
+        return
+    original = deepspeed.initialize
+    ours = set(inspect.signature(initialize).parameters)
+
+    @functools.wraps(original)
+    def routed(*args, **kwargs):
+        bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
+        source = bound.get("config") if bound.get("config") is not None else bound.get("config_params")
+        if source is None:
+            source = getattr(bound.get("args"), "deepspeed_config", None)
+        if source is None or not is_spectral_config(source):
+            return original(*args, **kwargs)
+        unknown = sorted(set(bound) - ours)
+        if unknown:
+            raise SpectralConfigError(
+                f"deepspeed.initialize was given {unknown}, which spectral_dist.deepspeed.initialize does not take "
+                f"(DeepSpeed {deepspeed.__version__}): call spectral_dist.deepspeed.initialize without them"
+            )
+        return initialize(**bound)
+
+    routed.spectral_dist_original = original
+    _ORIGINAL_INITIALIZE = original
+    deepspeed.initialize = routed
+
+
+def unregister() -> None:
+    """Undo :func:`register`: ``deepspeed.initialize`` is DeepSpeed's own again."""
+    global _ORIGINAL_INITIALIZE
+    import deepspeed
+
+    if _ORIGINAL_INITIALIZE is not None:
+        deepspeed.initialize = _ORIGINAL_INITIALIZE
+        _ORIGINAL_INITIALIZE = None

@@ -25,12 +25,22 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler
 
-from ..logging.metrics import CURVATURE_KEYS
-from ..logging.metrics import curvature_metrics as _curvature_metrics
-from ..optim.classify import SPECTRAL_TYPES, classify_parameters
-from ..optim.spectral_newton import SpectralNewton
+from .._extras import require
+
+require(
+    "transformers",
+    "accelerate",
+    extra="hf",
+    feature="spectral_dist.integrations.hf (the Trainer integration)",
+)
+
+from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler  # noqa: E402
+
+from ..logging.metrics import CURVATURE_KEYS  # noqa: E402
+from ..logging.metrics import curvature_metrics as _curvature_metrics  # noqa: E402
+from ..optim.classify import SPECTRAL_TYPES, classify_parameters  # noqa: E402
+from ..optim.spectral_newton import SpectralNewton  # noqa: E402
 
 __all__ = [
     "CURVATURE_KEYS",
@@ -231,6 +241,8 @@ def _check_launch(trainer: Trainer) -> None:
     FSDP asked for but not enabled (accelerate enables it only on GPUs)."""
     import os
 
+    from .launch import check_process_count
+
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     counted = trainer.accelerator.num_processes
     if launched > 1 and counted != launched:
@@ -240,6 +252,7 @@ def _check_launch(trainer: Trainer) -> None:
             "ACCELERATE_USE_CPU=true (gloo); DeepSpeed needs use_cpu=False and DS_ACCELERATOR=cpu "
             "(see docs/hf_trainer.md)"
         )
+    check_process_count(counted, "the Trainer's accelerator")  # accelerate launch asked for more
     if (
         getattr(trainer.args, "fsdp", None)
         and not trainer.is_fsdp_enabled

@@ -5,7 +5,7 @@ in matplotlib and the W&B logger imports wandb lazily.
 """
 
 from .jsonl import JsonlLogger, read_jsonl
-from .wandb_logger import RunLogger, find_offline_runs, git_sha, read_offline_run, read_wandb_run, wandb_mode
+from .wandb_logger import RunLogger, find_offline_runs, git_sha, wandb_mode
 
 __all__ = [
     "JsonlLogger",
@@ -13,7 +13,5 @@ __all__ = [
     "RunLogger",
     "find_offline_runs",
     "git_sha",
-    "read_offline_run",
-    "read_wandb_run",
     "wandb_mode",
 ]

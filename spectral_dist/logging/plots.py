@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import math
 
-import matplotlib
+from .._extras import require
+
+require("matplotlib", extra=("recipes", "report"), feature="spectral_dist.logging.plots")
+
+import matplotlib  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -33,15 +38,19 @@ def _draw(ax, sigma, h, alpha, title):
         logc = float(np.mean(np.log(h[pos]) - a * np.log(sigma[pos])))  # intercept given the fitted slope
         xs = np.geomspace(sigma[pos].min(), sigma[pos].max(), 50)
         ax.loglog(xs, np.exp(logc) * xs**a, "-", color="k", lw=1, label=f"alpha = {a:.2f}")
+    # compact sigma labels at 1, 2 and 5 per decade (matplotlib's 2x10^-3 style overlapped on short decades)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
+    ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0)))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
     ax.set_xlabel("sigma_k")
     ax.set_ylabel("h_k")
-    ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=6)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
 
 
 def loglog_curvature(sigma, h, alpha=None, title: str = ""):
     """One layer: h_k against sigma_k on log-log axes, the line c * sigma^alpha (c fitted given alpha)."""
-    fig, ax = plt.subplots(figsize=(4, 3))
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
     _draw(ax, sigma, h, alpha, title)
     fig.tight_layout()
     return fig
@@ -54,13 +63,13 @@ def curvature_grid(layers: dict, max_panels: int = 12, title: str = ""):
         raise ValueError("curvature_grid needs at least one layer")
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.8 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         lay = layers[name]
         _draw(ax, lay.sigma, lay.h, getattr(lay, "alpha", None), name)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig

@@ -79,9 +79,9 @@ def pr_bound(s: float) -> float:
         return math.nan
     if s <= 1.0:
         return math.inf
-    from scipy.special import zeta
-
-    return float(zeta(s) ** 2 / zeta(2.0 * s))
+    x = torch.tensor([s, 2.0 * s], dtype=torch.float64)
+    z = torch.special.zeta(x, torch.ones_like(x))  # Hurwitz zeta at q = 1: Riemann's zeta (as scipy's)
+    return float(z[0] ** 2 / z[1])
 
 
 def spectrum_fits(sigma: torch.Tensor, h: torch.Tensor, rel_floor: float = DEFAULT_REL_FLOOR) -> dict:
