@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..optim import matrix_step as ms
+from ..spectral import STATEFUL
 from .describe import describe, is_dtensor, local_tensor
 from .exchange import ExchangeError, _names, comm_device, gather_to_owners, scatter_from_owners
 from .layout import MatrixLayout, Plan, build_plan
@@ -229,8 +230,8 @@ class OwnerEngine:
         grad_of = {s.key: g for s, g in zip(slots, grads)}
         if mats:
             errors.extend(self._matrix_step(opt, mats, grad_of))
-        for s, g in vecs:
-            opt.adamw_slot(s, g)
+        if vecs:
+            opt.adamw_slots(vecs)  # foreach over all vectors, grouped by param group and dtype
         if errors:
             raise errors[0]
 
@@ -288,14 +289,9 @@ class OwnerEngine:
 
     # ------------------------------------------------------------------ matrices
     def _momentum(self, opt, slots, grad_of) -> dict[str, torch.Tensor]:
-        """Update each matrix's momentum on this rank's elements; return the local M to precondition."""
-        local = {}
-        for s in slots:
-            g = grad_of[s.key]
-            if g is None:  # holds nothing of it
-                continue
-            local[s.key] = opt.momentum_slot(s, g)
-        return local
+        """Update each matrix's momentum on this rank's elements (foreach); return the local M to precondition."""
+        items = [(s, grad_of[s.key]) for s in slots if grad_of[s.key] is not None]  # None: holds nothing
+        return {s.key: M for (s, _), M in zip(items, opt.momentum_slots(items))}
 
     def _owner_compute(self, opt, slots, full) -> dict[str, ms.DirectionResult]:
         jobs = []
@@ -325,26 +321,32 @@ class OwnerEngine:
         payload, extra_sizes = {}, {}
         by_key = {s.key: s for s in slots}
         for s in slots:
-            if s.group["basis"] == "tracked":
+            if s.group["basis"] in STATEFUL:
                 extra_sizes[s.key] = s.mshape[1] * ms.tracked_rank(s.mshape, s.group)
-        for k, r in results.items():
-            h = torch.tensor([float(r.status), float(r.retries), float(r.refreshes)], dtype=dtype)
+        owned = list(results)
+        # all of this rank's headers as one host-built table (one copy to the device, not one per matrix)
+        table = torch.tensor(
+            [[float(r.status), float(r.retries), float(r.refreshes)] for r in results.values()], dtype=dtype
+        ).reshape(len(owned), HEADER)
+        for i, (k, r) in enumerate(results.items()):
             D = r.D.reshape(-1) if r.D is not None and r.status in (ms.OK, ms.FALLBACK) else None
             basis = r.basis if (r.status == ms.OK and k in extra_sizes) else None
             if basis is not None and basis.numel() != extra_sizes[k]:
                 raise RuntimeError(
                     f"tracked basis of {k!r} has {basis.numel()} numbers, expected {extra_sizes[k]}"
                 )
-            payload[k] = (h, D, basis)
+            payload[k] = (table[i], D, basis)
         got = scatter_from_owners(
             self.plan, payload, group, keys=keys, header_size=HEADER, extra_sizes=extra_sizes, dtype=dtype
         )
-        headers = (
-            torch.stack([got[k][0].reshape(-1).to("cpu", torch.float64) for k in keys]).tolist()
-            if keys
-            else []
-        )
-        errors = []
+        if keys:  # the step's second host sync: every header at once (headers from other ranks are on the
+            # communication device; stacking there first keeps it to one device-to-host copy)
+            hs = [got[k][0].reshape(-1) for k in keys]
+            dev = next((h.device for h in hs if h.device.type != "cpu"), torch.device("cpu"))
+            headers = torch.stack([h.to(dev, dtype) for h in hs]).tolist()
+        else:
+            headers = []
+        errors, updates = [], []
         for k, (status, retries, refreshes) in zip(keys, headers):
             s = by_key[k]
             _, D, extra = got[k]
@@ -358,9 +360,11 @@ class OwnerEngine:
                 int(refreshes),
                 results[k] if k in results else None,
                 self.plan.owner(k),
+                updates=updates,
             )
             if err is not None:
                 errors.append(err)
+        opt.apply_matrix_updates(updates)  # foreach, grouped by param group
         return errors
 
 
@@ -391,8 +395,8 @@ class ShardLocalEngine(OwnerEngine):
         local = self._momentum(opt, slots, grad_of)
         errors = []
         for s in slots:
-            if s.group["basis"] == "tracked":
-                raise ValueError("ShardLocalEngine does not support basis='tracked'")
+            if s.group["basis"] in STATEFUL:
+                raise ValueError(f"ShardLocalEngine does not support basis={s.group['basis']!r}")
             M = local.get(s.key)
             if M is None or M.numel() == 0:
                 res = ms.DirectionResult(ms.OK, None)
