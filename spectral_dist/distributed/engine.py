@@ -4,19 +4,26 @@ An engine only needs *slots*: for each parameter the optimizer steps, its key (F
 ranks (:mod:`.describe` for tensors and DTensors, the DeepSpeed integration for ZeRO's flat partitions) and
 accessors for this rank's local data, gradient and state buffers. A step is:
 
-1. **Agreement** (one ``all_reduce`` and the step's one host sync): per parameter, how many holders have a
+1. **Agreement** (one ``all_reduce`` and one host sync): per parameter, how many holders have a
    gradient and whether any holder's gradient is non-finite. Every rank then takes the same decisions: skip a
    parameter whose gradient is non-finite anywhere (also a shard of a vector), raise when a gradient is
    missing on some holders, raise ``NonFiniteGradientError`` after too many skips in a row.
 2. **Momentum**, elementwise on each rank's own elements (momentum lives sharded like the parameter, so every
    rank's state dict has the parameter's own layout: DCP, accelerate and DeepSpeed checkpoints just work).
 3. ``gather_to_owners``: the momentum-blended matrix M goes to its owner (LPT plan), each piece once.
-4. The owner computes the direction (batched by shape, :func:`~spectral_dist.optim.matrix_step.owner_directions`).
+4. The owner computes the direction (batched by shape, :func:`~spectral_dist.optim.matrix_step.owner_directions`;
+   the finite flags of all its batches are read with one host sync).
 5. ``scatter_from_owners``: every rank receives a status header for every matrix, its pieces of the
    direction and, for tracked bases, the new basis (kept on every rank so any rank's state is complete).
-6. Every rank applies its pieces (weight decay, lr from the *live* param group), updates the counters from
-   the header (identical everywhere) and raises together when a status says so. AdamW runs elementwise on
-   the vectors' local elements.
+   All headers are read with one host sync (none in one process, where they are the owner's own results).
+6. Every rank applies its pieces (weight decay, lr from the *live* param group) with foreach ops, updates the
+   counters from the header (identical everywhere) and raises together when a status says so. AdamW runs
+   with foreach ops on the vectors' local elements.
+
+Host syncs per step: 2 in one process, 3 over a process group, whatever the number of matrices, with the
+matmul-only bases (``basis="auto"`` at alpha 0, 1, 2); eigh/SVD-based bases add one per shape group (the
+LAPACK/cuSOLVER info check), stateful bases (tracked, eigenbasis) a few per matrix
+(tests/test_step_syncs.py counts them).
 
 Engine choice (:func:`make_engine`), taken at the first step, never at construction (building an optimizer
 is never collective, so one built on a single rank cannot hang): ``distributed=False`` or no initialised
@@ -237,7 +244,7 @@ class OwnerEngine:
 
     def _agree(self, slots, grads) -> list[str]:
         """Per slot "none" (no gradient anywhere), "skip" (non-finite somewhere) or "step"; identical on all
-        ranks. The one host sync of the step."""
+        ranks. One host sync."""
         n = len(slots)
         if n == 0:
             return []
@@ -339,8 +346,10 @@ class OwnerEngine:
         got = scatter_from_owners(
             self.plan, payload, group, keys=keys, header_size=HEADER, extra_sizes=extra_sizes, dtype=dtype
         )
-        if keys:  # the step's second host sync: every header at once (headers from other ranks are on the
-            # communication device; stacking there first keeps it to one device-to-host copy)
+        if self.local:  # one process: the headers are this process's own results, no copy needed
+            headers = [[r.status, r.retries, r.refreshes] for r in (results[k] for k in keys)]
+        elif keys:  # a host sync: every header at once (headers from other ranks are on the communication
+            # device; stacking them there first keeps it to one device-to-host copy, not one per matrix)
             hs = [got[k][0].reshape(-1) for k in keys]
             dev = next((h.device for h in hs if h.device.type != "cpu"), torch.device("cpu"))
             headers = torch.stack([h.to(dev, dtype) for h in hs]).tolist()
