@@ -122,12 +122,16 @@ def eigenbasis_drift(m, n, alpha, device, steps=12, angle=0.05, seed=0):
         R = torch.linalg.matrix_exp(angle * (K - K.T) / (2 * math.sqrt(k)))
         V = V @ R
         G = (U * s) @ V.T + 1e-3 * torch.randn(m, n, generator=g, dtype=torch.float64) / math.sqrt(n)
-        D = spectral_direction(G.to(device, torch.float32), alpha, 1e-4, "eigenbasis", state=state, refresh_every=1)
+        D = spectral_direction(
+            G.to(device, torch.float32), alpha, 1e-4, "eigenbasis", state=state, refresh_every=1
+        )
         errs.append(errors(D, G, alpha)[1])
     return statistics.median(errs[1:]), max(errs[1:])
 
 
-def run(device: torch.device, shapes, kinds=("gauss", "power"), batch: int = 4, drift_shape=(512, 256)) -> dict:
+def run(
+    device: torch.device, shapes, kinds=("gauss", "power"), batch: int = 4, drift_shape=(512, 256)
+) -> dict:
     rows = []
     for m, n in shapes:
         for kind in kinds:
@@ -137,14 +141,30 @@ def run(device: torch.device, shapes, kinds=("gauss", "power"), batch: int = 4, 
                 D, ok = direction_unchecked(Gd.unsqueeze(0), alpha, 1e-4, method, **kw)
                 full, top, k = errors(D[0], G, alpha)
                 Xb = Gd.expand(batch, m, n).contiguous()
-                sec = _time(lambda Xb=Xb, a=alpha, me=method, kw=kw: direction_unchecked(Xb, a, 1e-4, me, **kw), device)
+                sec = _time(
+                    lambda Xb=Xb, a=alpha, me=method, kw=kw: direction_unchecked(Xb, a, 1e-4, me, **kw),
+                    device,
+                )
                 rows.append(
-                    dict(shape=f"{m}x{n}", spectrum=kind, alpha=alpha, method=name, full=full, top=top, k=k,
-                         ok=bool(ok.all()), ms_per_matrix=1000 * sec / batch,
-                         gflop=flops(method, m, n, kw.get("ns_steps", 5)) / 1e9)
+                    dict(
+                        shape=f"{m}x{n}",
+                        spectrum=kind,
+                        alpha=alpha,
+                        method=name,
+                        full=full,
+                        top=top,
+                        k=k,
+                        ok=bool(ok.all()),
+                        ms_per_matrix=1000 * sec / batch,
+                        gflop=flops(method, m, n, kw.get("ns_steps", 5)) / 1e9,
+                    )
                 )
     drift = {a: eigenbasis_drift(*drift_shape, a, device) for a in (0.5, 1.0, 1.5)}
-    return {"rows": rows, "eigenbasis_drift": {str(a): v for a, v in drift.items()}, "drift_shape": drift_shape}
+    return {
+        "rows": rows,
+        "eigenbasis_drift": {str(a): v for a, v in drift.items()},
+        "drift_shape": drift_shape,
+    }
 
 
 def format_md(res: dict, device_name: str) -> str:
@@ -162,9 +182,12 @@ def format_md(res: dict, device_name: str) -> str:
             f"{r['top']:.1e} ({r['k']}) | {r['gflop']:.1f} | {r['ms_per_matrix']:.1f} |"
         )
     m, n = res["drift_shape"]
-    lines += ["", f"`eigenbasis` (refresh_every=1) along a drifting {m}x{n} sequence (1/k spectrum, ~0.05 rad per "
-              "step, noise), top error median / max over 11 steps: "
-              + ", ".join(f"alpha {a}: {v[0]:.1e} / {v[1]:.1e}" for a, v in res["eigenbasis_drift"].items())]
+    lines += [
+        "",
+        f"`eigenbasis` (refresh_every=1) along a drifting {m}x{n} sequence (1/k spectrum, ~0.05 rad per "
+        "step, noise), top error median / max over 11 steps: "
+        + ", ".join(f"alpha {a}: {v[0]:.1e} / {v[1]:.1e}" for a, v in res["eigenbasis_drift"].items()),
+    ]
     return "\n".join(lines) + "\n"
 
 

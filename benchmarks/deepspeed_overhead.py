@@ -56,9 +56,7 @@ def config(stage: int, optimizer: str, micro: int = BATCH // 2, overrides: dict 
     cfg = json.loads((ROOT / "configs" / "deepspeed" / f"zero{stage}_{optimizer}.json").read_text())
     if optimizer == "spectral_newton" and overrides:
         cfg["optimizer"]["params"].update(overrides)
-    cfg.update(
-        train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1, gradient_clipping=1.0
-    )
+    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1, gradient_clipping=1.0)
     cfg.pop("bf16", None)
     cfg.pop("fp16", None)
     cfg["steps_per_print"] = 10**9
@@ -80,7 +78,10 @@ def worker(args) -> None:
     for stage in args.stages:
         for opt in ("adamw", "spectral_newton"):
             model = make_gpt2(args.depth, args.seq) if gpt else make_model(args.width, args.depth)
-            over = {"basis": args.basis, "alpha": args.alpha if args.alpha == "by_layer" else float(args.alpha)}
+            over = {
+                "basis": args.basis,
+                "alpha": args.alpha if args.alpha == "by_layer" else float(args.alpha),
+            }
             engine, *_ = initialize(model=model, config=config(stage, opt, micro, over))
             math_t = [0.0]
             real = ms.owner_directions
@@ -106,7 +107,9 @@ def worker(args) -> None:
                 t0 = time.perf_counter()
                 if gpt:
                     out = engine(input_ids=batch).logits[:, :-1]
-                    loss = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), batch[:, 1:].reshape(-1))
+                    loss = nn.functional.cross_entropy(
+                        out.reshape(-1, out.shape[-1]), batch[:, 1:].reshape(-1)
+                    )
                 else:
                     loss = nn.functional.cross_entropy(engine(x), y)
                 engine.backward(loss)

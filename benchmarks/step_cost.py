@@ -82,19 +82,29 @@ class BatchedMuon(torch.optim.Optimizer):
                 if m > n:
                     X = X.mT
                 scale = -g["lr"] * max(1.0, m / n) ** 0.5
-                torch._foreach_add_([p for p, _ in items], [x.view_as(p) for (p, _), x in zip(items, X)], alpha=scale)
+                torch._foreach_add_(
+                    [p for p, _ in items], [x.view_as(p) for (p, _), x in zip(items, X)], alpha=scale
+                )
 
 
 def make_model(name: str, layers: int, quick: bool = False) -> nn.Module:
     torch.manual_seed(0)
     if name == "gpt2":
         d, h = (64, 2) if quick else (768, 12)
-        return models.tiny_gpt(n_positions=128 if quick else 1024, n_embd=d, n_layer=layers, n_head=h,
-                               attn_implementation="sdpa")
+        return models.tiny_gpt(
+            n_positions=128 if quick else 1024, n_embd=d, n_layer=layers, n_head=h, attn_implementation="sdpa"
+        )
     if name == "vit":
         d, h = (64, 2) if quick else (768, 12)
-        return models.tiny_vit(image_size=32 if quick else 224, patch_size=16, hidden=d, layers=layers, heads=h,
-                               num_labels=1000 if not quick else 10, attn_implementation="sdpa")
+        return models.tiny_vit(
+            image_size=32 if quick else 224,
+            patch_size=16,
+            hidden=d,
+            layers=layers,
+            heads=h,
+            num_labels=1000 if not quick else 10,
+            attn_implementation="sdpa",
+        )
     raise ValueError(f"unknown model {name!r} (gpt2, vit)")
 
 
@@ -193,8 +203,12 @@ def machine(device) -> str:
 
 def table(title: str, med: dict, refs=("adamw", "muon")) -> str:
     refs = [r for r in refs if r in med]
-    lines = [title, "", "| optimizer | seconds | " + " | ".join(f"/ {r}" for r in refs) + " |",
-             "|---|---|" + "---|" * len(refs)]
+    lines = [
+        title,
+        "",
+        "| optimizer | seconds | " + " | ".join(f"/ {r}" for r in refs) + " |",
+        "|---|---|" + "---|" * len(refs),
+    ]
     for k, v in med.items():
         lines.append(f"| {k} | {v:.4f} | " + " | ".join(f"{v / med[r]:.2f}x" for r in refs) + " |")
     return "\n".join(lines) + "\n"
@@ -204,7 +218,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", nargs="*", default=["gpt2"], choices=["gpt2", "vit"])
     ap.add_argument("--layers", type=int, default=12, help="layers of the optimizer-step measurement")
-    ap.add_argument("--full_layers", type=int, default=2, help="layers of the full-step measurement (0: skip)")
+    ap.add_argument(
+        "--full_layers", type=int, default=2, help="layers of the full-step measurement (0: skip)"
+    )
     ap.add_argument("--tokens", type=int, nargs="*", default=[4096])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", nargs="*", default=None, help="optimizer subset (adamw and muon always run)")
@@ -224,14 +240,21 @@ def main(argv=None) -> dict:
     opts = [o for o in OPTIMIZERS if o in ("adamw", "muon") or a.only is None or o in a.only]
     head = f"### Step cost (issue 16) — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine(device)}"
     out = {"machine": machine(device), "results": {}}
-    texts = [head, "", f"`python benchmarks/step_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
+    texts = [
+        head,
+        "",
+        f"`python benchmarks/step_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        "",
+    ]
     print(head, flush=True)
     for m in a.model:
         res = out["results"].setdefault(m, {})
         if not a.skip_opt_step:
             med = bench_optimizer_step(m, a.layers, opts, a.repeats, device, a.quick)
             res["optimizer_step"] = med
-            t = table(f"**{m}**, optimizer step, {a.layers} layers, median of {a.repeats} interleaved rounds", med)
+            t = table(
+                f"**{m}**, optimizer step, {a.layers} layers, median of {a.repeats} interleaved rounds", med
+            )
             print(t, flush=True)
             texts.append(t)
         if a.full_layers:

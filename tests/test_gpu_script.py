@@ -15,7 +15,15 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), "--device", "cpu", "--quick", "--out", str(tmp_path)],
+        [
+            "bash",
+            str(ROOT / "benchmarks" / "gpu" / "run.sh"),
+            "--device",
+            "cpu",
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=600,

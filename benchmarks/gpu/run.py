@@ -46,7 +46,14 @@ def stage_step_cost(device, quick: bool) -> dict:
         if quick:
             argv += ["--quick", "--only", "sn_alpha1", "sn_by_layer"]
         else:
-            argv += ["--layers", "12", "--full_layers", "12" if on_gpu else "2", "--repeats", "5" if on_gpu else "2"]
+            argv += [
+                "--layers",
+                "12",
+                "--full_layers",
+                "12" if on_gpu else "2",
+                "--repeats",
+                "5" if on_gpu else "2",
+            ]
         if on_gpu:
             argv.append("--amp")
         out[model] = step_cost.main(argv)["results"][model]
@@ -82,7 +89,9 @@ def stage_training(device, quick: bool, steps: int, tokens: int) -> dict:
     out = {}
     for name in TRAIN_OPTIMIZERS:
         torch.manual_seed(0)
-        model = models.tiny_gpt(n_positions=seq, n_embd=d, n_layer=layers, n_head=heads, attn_implementation="sdpa")
+        model = models.tiny_gpt(
+            n_positions=seq, n_embd=d, n_layer=layers, n_head=heads, attn_implementation="sdpa"
+        )
         model = model.to(device)
         if name == "adamw":
             opts = [torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, foreach=True)]
@@ -90,7 +99,9 @@ def stage_training(device, quick: bool, steps: int, tokens: int) -> dict:
             opts = step_cost.build_optimizer("muon", model, lr=1e-3)
             opts[0].param_groups[0]["lr"] = 0.02
         else:
-            opts = [SpectralNewton.from_model(model, alpha=1.0, lr=3e-3, weight_decay=0.01, distributed=False)]
+            opts = [
+                SpectralNewton.from_model(model, alpha=1.0, lr=3e-3, weight_decay=0.01, distributed=False)
+            ]
         scheds = [torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(steps, max(1, steps // 20))) for o in opts]
         g = torch.Generator().manual_seed(1)
         losses, t0 = [], None
@@ -129,8 +140,10 @@ def stage_training(device, quick: bool, steps: int, tokens: int) -> dict:
 
 def to_markdown(res: dict) -> str:
     lines = [f"## GPU checks (issue 16) — {res['device']}, {res['date']}", ""]
-    lines.append(f"torch {res['torch']}; total {res['seconds']:.0f} s; stages: " + ", ".join(
-        f"{k} {v}" for k, v in res["stage_status"].items()))
+    lines.append(
+        f"torch {res['torch']}; total {res['seconds']:.0f} s; stages: "
+        + ", ".join(f"{k} {v}" for k, v in res["stage_status"].items())
+    )
     lines.append("")
     sc = res.get("step_cost")
     if sc:
@@ -142,8 +155,12 @@ def to_markdown(res: dict) -> str:
         lines.append(basis_accuracy.format_md(acc, res["device"]))
     tr = res.get("training")
     if tr:
-        lines += ["**GPT-2-small training run** (see run.py's stage_training for the settings)", "",
-                  "| optimizer | ms / step | / adamw | val loss | train loss (first -> last) |", "|---|---|---|---|---|"]
+        lines += [
+            "**GPT-2-small training run** (see run.py's stage_training for the settings)",
+            "",
+            "| optimizer | ms / step | / adamw | val loss | train loss (first -> last) |",
+            "|---|---|---|---|---|",
+        ]
         base = tr.get("adamw", {}).get("ms_per_step")
         for k, v in tr.items():
             c = v["train_curve"]
@@ -170,8 +187,13 @@ def main(argv=None) -> dict:
     if a.quick:
         a.train_steps, a.train_tokens = 6, 256
     t_start = time.perf_counter()
-    res = dict(device=device_name(device), date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-               torch=torch.__version__, quick=a.quick, stage_status={})
+    res = dict(
+        device=device_name(device),
+        date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        torch=torch.__version__,
+        quick=a.quick,
+        stage_status={},
+    )
     stages = {
         "step_cost": lambda: stage_step_cost(device, a.quick),
         "accuracy": lambda: stage_accuracy(device, a.quick),

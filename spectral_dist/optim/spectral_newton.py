@@ -543,7 +543,9 @@ class SpectralNewton(torch.optim.Optimizer):
             torch._foreach_add_(denom, group["adamw_eps"])
             update = torch._foreach_div(ea, [1 - b1**t for _, _, t in its])
             torch._foreach_div_(update, denom)
-            self._apply_foreach([s for s, _, _ in its], update, self.adamw_lr(group), group["adamw_weight_decay"])
+            self._apply_foreach(
+                [s for s, _, _ in its], update, self.adamw_lr(group), group["adamw_weight_decay"]
+            )
 
     # ------------------------------------------------------------------ step
     def _get_engine(self):
