@@ -13,7 +13,8 @@ Two measurements:
 Optimizers: ``adamw`` (torch.optim.AdamW, foreach), ``muon`` (:class:`BatchedMuon`: momentum + 5 quintic
 Newton-Schulz steps in fp32, batched by shape; AdamW on the rest), and SpectralNewton (``from_model``: hidden
 matrices spectral, embeddings/head/norms/biases AdamW) at ``alpha`` 1 (the optimizer's default alpha), by layer
-(attention 1, MLP up 0.5, MLP down 1), 0.5, 1.5 and 2, every one with the default ``basis="auto"``.
+(attention 1, MLP up 0.5, MLP down 1), 0.5, 1.5 and 2, every one with the default ``basis="auto"``;
+``--only sn_alpha0.5@eigenbasis`` adds a variant with another basis.
 
     python benchmarks/step_cost.py --model gpt2 --write         # CPU: optimizer step at 12 layers, full at 2
     python benchmarks/step_cost.py --model vit --tokens 4096 16384
@@ -128,10 +129,12 @@ def build_optimizer(name: str, model: nn.Module, lr: float = 1e-3):
         ids = {id(p) for p in hidden}
         rest = [p for p in model.parameters() if id(p) not in ids]
         return [BatchedMuon(hidden, lr=lr), torch.optim.AdamW(rest, lr=lr, foreach=True)]
-    if name.startswith("sn_"):
-        a = name[3:]
+    if name.startswith("sn_"):  # sn_<alpha>[@<basis>]: e.g. sn_alpha1, sn_by_layer, sn_alpha0.5@eigenbasis
+        a, _, basis = name[3:].partition("@")
         alpha = "by_layer" if a == "by_layer" else float(a.removeprefix("alpha"))
-        return [SpectralNewton.from_model(model, alpha=alpha, lr=lr, distributed=False)]
+        return [
+            SpectralNewton.from_model(model, alpha=alpha, lr=lr, basis=basis or "auto", distributed=False)
+        ]
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
@@ -238,6 +241,7 @@ def main(argv=None) -> dict:
         a.layers, a.full_layers, a.repeats, a.tokens = 2, 1, 1, [256]
     device = torch.device(a.device)
     opts = [o for o in OPTIMIZERS if o in ("adamw", "muon") or a.only is None or o in a.only]
+    opts += [o for o in (a.only or []) if o not in opts]  # variants such as sn_alpha0.5@eigenbasis
     head = f"### Step cost (issue 16) — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine(device)}"
     out = {"machine": machine(device), "results": {}}
     texts = [
