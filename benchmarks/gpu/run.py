@@ -54,6 +54,14 @@ def stage_step_cost(device, quick: bool) -> dict:
                 "--repeats",
                 "5" if on_gpu else "2",
             ]
+            argv += [
+                "--only",
+                "sn_alpha1",
+                "sn_by_layer",
+                "sn_alpha0.5",
+                "sn_alpha2",
+                "sn_alpha0.5@eigenbasis",
+            ]
         if on_gpu:
             argv.append("--amp")
         out[model] = step_cost.main(argv)["results"][model]
