@@ -328,7 +328,7 @@ class OwnerEngine:
         payload, extra_sizes = {}, {}
         by_key = {s.key: s for s in slots}
         for s in slots:
-            if s.group["basis"] in STATEFUL:
+            if ms.slot_method(opt, s) in STATEFUL:  # the new basis travels to every rank
                 extra_sizes[s.key] = s.mshape[1] * ms.tracked_rank(s.mshape, s.group)
         owned = list(results)
         # all of this rank's headers as one host-built table (one copy to the device, not one per matrix)
@@ -412,12 +412,14 @@ class ShardLocalEngine(OwnerEngine):
             else:
                 rows = M.numel() // s.mshape[1]
                 meta = s.meta()
+                stateless = ms.slot_method(opt, s, stateless=True)  # "auto": no per-block basis
+                grp = s.group if stateless == ms.slot_method(opt, s) else dict(s.group, basis=stateless)
                 res = ms.owner_directions(
                     [
                         ms.DirectionJob(
                             s.key,
                             M.view(rows, s.mshape[1]),
-                            s.group,
+                            grp,
                             opt.resolve_alpha_meta(meta, s.group),
                             None,
                             opt.counters(meta)["consecutive_failures"],

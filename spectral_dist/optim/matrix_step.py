@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..spectral import STATEFUL, DecompositionError, auto_method, direction_unchecked, spectral_direction
+from ..spectral import (
+    STATEFUL,
+    DecompositionError,
+    auto_method,
+    direction_unchecked,
+    eigenbasis_batched,
+    spectral_direction,
+)
 from ..spectral.transform import inverse_transform, rank_floor
 
 __all__ = [
@@ -35,6 +42,7 @@ __all__ = [
     "DirectionResult",
     "method_of",
     "owner_directions",
+    "slot_method",
     "scale_directions",
     "tracked_rank",
 ]
@@ -54,6 +62,15 @@ def method_of(group: Mapping, alpha: float, device) -> str:
     choice of :func:`~spectral_dist.spectral.auto_method` for the matrix's device and resolved alpha."""
     b = group["basis"]
     return auto_method(float(alpha), float(group["damping"]), device) if b == "auto" else b
+
+
+def slot_method(opt, slot, stateless: bool = False) -> str:
+    """:func:`method_of` for an engine slot (alpha resolved from its state; the same on every rank).
+    ``stateless=True``: where ``"auto"`` would pick a stateful basis, ``"gram"`` (for engines that keep no
+    per-matrix basis, such as the shard-local approximation)."""
+    g = slot.group
+    m = method_of(g, opt.resolve_alpha_meta(slot.meta(), g), slot.local().device)
+    return "gram" if stateless and m in STATEFUL and g["basis"] == "auto" else m
 
 
 def _matmul_dtype(group: Mapping, method: str, device):
@@ -169,16 +186,28 @@ def owner_directions(jobs: list[DirectionJob]) -> dict[str, DirectionResult]:
     methods: dict[tuple, str] = {}
     for job in jobs:
         method = method_of(job.group, job.alpha, job.M.device)
-        key = ("stateful", job.key) if method in STATEFUL else _batch_key(job, method)
+        if method == "eigenbasis":  # batched too: same shape, options and phase (init / step count)
+            key = ("eigenbasis", *_batch_key(job, method), *_phase(job))
+        elif method in STATEFUL:
+            key = ("stateful", job.key)
+        else:
+            key = _batch_key(job, method)
         batches.setdefault(key, []).append(job)
         methods[key] = method
-    pending: list[tuple[list[DirectionJob], torch.Tensor, torch.Tensor]] = []
+    pending: list[tuple] = []
     for bkey, bjobs in batches.items():
         method = methods[bkey]
         try:
             if bkey[0] == "stateful":
                 for job in bjobs:
                     out[job.key] = _one(job, method)
+                continue
+            if bkey[0] == "eigenbasis":
+                try:
+                    pending.append(_eigenbasis_batch(bjobs, bkey))
+                except (torch.linalg.LinAlgError, RuntimeError):  # one by one, with the float64 retry
+                    for job in bjobs:
+                        out[job.key] = _one(job, method)
                 continue
             g, first = bjobs[0].group, bjobs[0]
             X = torch.stack([j.M for j in bjobs]) if len(bjobs) > 1 else first.M.unsqueeze(0)
@@ -195,7 +224,7 @@ def owner_directions(jobs: list[DirectionJob]) -> dict[str, DirectionResult]:
                 for job in bjobs:
                     out[job.key] = _one(job, method)
                 continue
-            pending.append((bjobs, scale_directions(Ds, g), ok.reshape(-1)))
+            pending.append((bjobs, scale_directions(Ds, g), ok.reshape(-1), None, 0))
         except Exception as e:  # noqa: BLE001 - reported to every rank, raised everywhere
             for job in bjobs:
                 if job.key not in out:
@@ -203,18 +232,43 @@ def owner_directions(jobs: list[DirectionJob]) -> dict[str, DirectionResult]:
     if pending:
         try:
             dev = pending[0][2].device
-            flags = torch.cat([ok.to(dev) for _, _, ok in pending]).tolist()  # the owner's one host sync
+            flags = torch.cat([p[2].to(dev) for p in pending]).tolist()  # the owner's one host sync
         except Exception as e:  # noqa: BLE001
-            for bjobs, _, _ in pending:
-                for job in bjobs:
+            for p in pending:
+                for job in p[0]:
                     out[job.key] = DirectionResult(ERROR, error=f"{type(e).__name__}: {e}", exc=e)
             return out
         i = 0
-        for bjobs, Ds, _ in pending:
-            for job, D in zip(bjobs, Ds.unbind(0)):
+        for bjobs, Ds, _, bases, refreshes in pending:
+            for j, (job, D) in enumerate(zip(bjobs, Ds.unbind(0))):
                 try:
-                    out[job.key] = DirectionResult(OK, D) if flags[i] else _one(job)
+                    if flags[i]:
+                        basis = None if bases is None else bases[j]
+                        out[job.key] = DirectionResult(OK, D, refreshes=refreshes, basis=basis)
+                    else:
+                        out[job.key] = _one(job)
                 except Exception as e:  # noqa: BLE001
                     out[job.key] = DirectionResult(ERROR, error=f"{type(e).__name__}: {e}", exc=e)
                 i += 1
     return out
+
+
+def _phase(job: DirectionJob) -> tuple:
+    """(step, init) of an eigenbasis job: matrices batch together only at the same point of their schedule."""
+    g = job.group
+    tr = job.tracked or {}
+    Q = tr.get("basis")
+    step = int(tr.get("step", 0))
+    r = tracked_rank(job.M.shape, g)
+    init = Q is None or tuple(Q.shape) != (job.M.shape[1], r) or step == 0
+    return step, init, g["rank"], int(g["refresh_every"])
+
+
+def _eigenbasis_batch(bjobs: list[DirectionJob], bkey: tuple):
+    """One batched eigenbasis step for same-shape, same-phase matrices: (jobs, D, ok, new bases, refreshes)."""
+    g, first = bjobs[0].group, bjobs[0]
+    step, init = bkey[-4], bkey[-3]
+    X = torch.stack([j.M for j in bjobs])
+    Q = None if init else torch.stack([j.tracked["basis"].to(X.device) for j in bjobs])
+    D, Qn, ok = eigenbasis_batched(X, first.alpha, g["damping"], Q, step, g["rank"], g["refresh_every"])
+    return bjobs, scale_directions(D, g), ok, Qn.unbind(0), int(init)

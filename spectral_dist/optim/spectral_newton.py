@@ -387,7 +387,7 @@ class SpectralNewton(torch.optim.Optimizer):
         if slot.kind == "matrix":
             slot.buffer("momentum_buffer", cd)
             meta.setdefault("alpha_estimate", None)  # set by AutoAlpha; present from the start so it resumes
-            if slot.group["basis"] in STATEFUL:  # step 0: the first use starts from an exact SVD
+            if ms.slot_method(self, slot) in STATEFUL:  # step 0: the first use starts from an exact SVD
                 m, n = slot.mshape
                 r = ms.tracked_rank(slot.mshape, slot.group)
                 meta.setdefault(
@@ -468,10 +468,10 @@ class SpectralNewton(torch.optim.Optimizer):
             c["steps"] += 1
             if status == ms.OK:
                 c["consecutive_failures"] = 0
-                if group["basis"] in STATEFUL:
+                basis = result.basis if result is not None and result.basis is not None else extra
+                if basis is not None and ms.slot_method(self, slot) in STATEFUL:
                     m, n = slot.mshape
                     r = ms.tracked_rank(slot.mshape, group)
-                    basis = result.basis if result is not None and result.basis is not None else extra
                     device = slot.local().device
                     tr = meta.setdefault("tracked", {})
                     tr["basis"] = (

@@ -21,7 +21,8 @@
   plus QR every ``refresh_every`` steps, an SVD only when there is no basis yet; every step is
   D = (G Q) diag(f(||G q_i||^2)) Q^T, two matmuls (see :func:`eigenbasis_direction`).
 
-``"auto"`` (:func:`auto_method`) picks per device and alpha; the measured reasons are in docs/benchmarks.md.
+``"auto"`` (:func:`auto_method`) picks per alpha (and the matmul dtype per device); the measured reasons are in
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "auto_method",
     "cholesky_direction",
     "direction_unchecked",
+    "eigenbasis_batched",
     "eigenbasis_direction",
     "newton_schulz",
     "polar_express",
@@ -90,9 +92,11 @@ def auto_method(alpha: float, damping: float, device) -> str:
     * alpha = 1: ``"polar_express"``, matmuls only: 0.6-0.8x the cost of Muon's 5 Newton-Schulz steps on CPU
       (its Gram form for rectangular shapes), 8% error on the direction against 19% for Muon's polynomial.
       On CUDA the optimizer runs it in bf16, as Muon does (on CPU bf16 matmuls are slow).
-    * any other alpha: ``"gram"``, exact (float64 eigh). In float32 an eigh of the Gram matrix loses the
-      directions that carry the update, and the matmul-only alternative, ``"eigenbasis"``, keeps state and is
-      approximate (1-5% error at refresh_every=1), so it is opt-in.
+    * any other alpha: ``"eigenbasis"``: matmuls plus one QR per matrix and step, 1-5% error along drifting
+      gradients (refresh_every=1). The exact alternative, ``"gram"`` (float64 eigh), measured 3.1x the cost of
+      Muon's step at GPT-2 shapes on CPU, and eigh runs far below matmul speed on GPUs; in float32 an eigh of the
+      Gram matrix loses the directions that carry the update.
+    * alpha = 2 without damping: ``"gram"`` (the exact pseudo-inverse with its rank floor).
 
     ``device`` is accepted so that per-device choices stay in one place; today only the matmul dtype of
     Polar Express depends on it (see :mod:`spectral_dist.optim.matrix_step`).
@@ -102,7 +106,9 @@ def auto_method(alpha: float, damping: float, device) -> str:
         return "cholesky"
     if alpha == 1.0:
         return "polar_express"
-    return "gram"
+    if alpha == 2.0:
+        return "gram"
+    return "eigenbasis"
 
 
 def _as_matrix(G: torch.Tensor) -> torch.Tensor:
@@ -308,6 +314,38 @@ def eigenbasis_direction(
     state["basis"] = Q.detach().clone()
     state["step"] = step + 1
     return D
+
+
+def eigenbasis_batched(
+    X: torch.Tensor,
+    alpha: float,
+    damping: float,
+    Q: torch.Tensor | None,
+    step: int,
+    rank: int | None = None,
+    refresh_every: int = 1,
+):
+    """:func:`eigenbasis_direction` for a batch X (b, m, n) whose matrices share ``step``: (D, Q_new, ok),
+    without host syncs (beyond the SVD's info check when ``Q`` is None or ``step`` is 0, the initialisation).
+    ``Q`` (b, n, r) is the batch of previous bases; ``ok`` (b,) says D and Q_new are finite."""
+    m, n = X.shape[-2:]
+    r = min(m, n) if rank is None else min(int(rank), m, n)
+    if Q is None or step == 0:
+        _, _, Vh = torch.linalg.svd(X, full_matrices=False)
+        Q = Vh[:, :r].mT
+    else:
+        Q = Q.to(X.dtype)
+        if step % max(1, refresh_every) == 0:
+            Q, _ = torch.linalg.qr(X.mT @ (X @ Q))
+    B = X @ Q
+    sigma = B.norm(dim=-2)  # (b, r)
+    w = inverse_transform(sigma, alpha, damping, rank_floor(m, n, sigma.dtype))
+    D = (B * w.unsqueeze(-2)) @ Q.mT
+    if r < min(m, n):
+        w_r = w.gather(-1, sigma.argmin(-1, keepdim=True)).unsqueeze(-1)  # (b, 1, 1)
+        D = D + w_r * (X - B @ Q.mT)
+    ok = torch.isfinite(D).flatten(-2).all(-1) & torch.isfinite(Q).flatten(-2).all(-1)
+    return D, Q, ok
 
 
 def tracked_direction(
