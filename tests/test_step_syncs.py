@@ -213,3 +213,28 @@ def test_auto_step_matches_the_svd_step(alpha):
     tol = {1.0: 0.15, 2.0: 1e-4, 0.5: 2e-2}.get(alpha, 1e-8)  # measured: alpha 1: 0.096 (6% per step)
     for p, q in zip(ps, qs):
         assert (p - q).norm() / (q.detach() - q.detach().mean()).norm() < tol
+
+
+def test_foreach_adamw_keeps_each_vectors_own_step_count():
+    """Vectors stepped together with foreach ops: one skips a step (non-finite gradient), so the bias
+    corrections differ per vector; each must equal its own torch AdamW."""
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(7))
+    ra, rb = nn.Parameter(a.detach().clone()), nn.Parameter(b.detach().clone())
+    kw = dict(betas=(0.8, 0.9), eps=1e-3, weight_decay=0.1)
+    opt = SpectralNewton(
+        [a, b], lr=0.05, adamw_betas=kw["betas"], adamw_eps=kw["eps"], adamw_weight_decay=0.1
+    )
+    refs = [torch.optim.AdamW([ra], lr=0.05, **kw), torch.optim.AdamW([rb], lr=0.05, **kw)]
+    for t in range(5):
+        g = torch.Generator().manual_seed(t)
+        ga, gb = torch.randn(5, generator=g), torch.randn(7, generator=g)
+        if t == 1:
+            gb[0] = float("nan")  # b skips this step; a does not
+        a.grad, b.grad, ra.grad, rb.grad = ga, gb, ga.clone(), gb.clone()
+        opt.step()
+        refs[0].step()
+        if t != 1:
+            refs[1].step()
+    assert opt.stats()["group0.param1"]["skipped"] == 1
+    assert torch.allclose(a, ra, rtol=1e-6, atol=1e-7) and torch.allclose(b, rb, rtol=1e-6, atol=1e-7)
