@@ -1,14 +1,16 @@
 """Step time of DeepSpeed ZeRO 1/2/3 with spectral_newton against DeepSpeed's AdamW at the same stage.
 
-Two gloo processes on CPU (DS_ACCELERATOR=cpu, one thread each) train a matrix-heavy MLP in fp32 with the
-configs of ``configs/deepspeed/`` (batch sizes and clipping filled in). Per step, the wall time of
-``engine.step()`` (the optimizer step: for spectral_newton the gather to owners, the decompositions, the
-scatter and the partition update) and of the whole iteration (forward, backward, step) are taken as the max
-over ranks; the table reports medians over the measured steps and the ratio to AdamW. "Matrix math" is the
-time in ``SpectralNewton.matrix_direction`` on the busiest owner (momentum, decomposition, scale): the rest
-of the spectral step is the exchange and the partition update that the ZeRO integration adds.
+Two gloo processes on CPU (DS_ACCELERATOR=cpu, one thread each) train in fp32 with the configs of
+``configs/deepspeed/`` (batch sizes and clipping filled in) either a matrix-heavy MLP (``--model mlp``) or GPT-2
+layers (``--model gpt2``: d=768, 12 heads, ``--depth`` layers, byte vocabulary, ``--tokens`` tokens per step
+over both ranks in sequences of ``--seq``). Per step, the wall time of ``engine.step()`` (the optimizer step: for
+spectral_newton the gather to owners, the directions, the scatter and the partition update) and of the whole
+iteration (forward, backward, step) are taken as the max over ranks; the table reports medians over the
+measured steps and the ratio to AdamW. "Matrix math" is the time in
+:func:`spectral_dist.optim.matrix_step.owner_directions` on the busiest owner (batched directions and scale):
+the rest of the spectral step is momentum, the exchange and the partition update.
 
-Usage: ``python benchmarks/deepspeed_overhead.py [--width 256 --depth 4 --steps 10 --out table.md]``.
+Usage: ``python benchmarks/deepspeed_overhead.py [--model gpt2 --depth 2 --tokens 4096 --stages 2]``.
 """
 
 from __future__ import annotations
@@ -43,11 +45,18 @@ def make_model(width: int, depth: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def config(stage: int, optimizer: str) -> dict:
+def make_gpt2(depth: int, seq: int) -> nn.Module:
+    from spectral_dist import models
+
+    torch.manual_seed(0)
+    return models.tiny_gpt(n_positions=seq, n_embd=768, n_layer=depth, n_head=12, attn_implementation="sdpa")
+
+
+def config(stage: int, optimizer: str, micro: int = BATCH // 2, overrides: dict | None = None) -> dict:
     cfg = json.loads((ROOT / "configs" / "deepspeed" / f"zero{stage}_{optimizer}.json").read_text())
-    cfg.update(
-        train_micro_batch_size_per_gpu=BATCH // 2, gradient_accumulation_steps=1, gradient_clipping=1.0
-    )
+    if optimizer == "spectral_newton" and overrides:
+        cfg["optimizer"]["params"].update(overrides)
+    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1, gradient_clipping=1.0)
     cfg.pop("bf16", None)
     cfg.pop("fp16", None)
     cfg["steps_per_print"] = 10**9
@@ -61,31 +70,48 @@ def worker(args) -> None:
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    import spectral_dist.optim.matrix_step as ms
+
     rows = []
-    for stage in (1, 2, 3):
+    gpt = args.model == "gpt2"
+    micro = max(1, args.tokens // args.seq // 2) if gpt else BATCH // 2
+    for stage in args.stages:
         for opt in ("adamw", "spectral_newton"):
-            engine, *_ = initialize(model=make_model(args.width, args.depth), config=config(stage, opt))
+            model = make_gpt2(args.depth, args.seq) if gpt else make_model(args.width, args.depth)
+            over = {
+                "basis": args.basis,
+                "alpha": args.alpha if args.alpha == "by_layer" else float(args.alpha),
+            }
+            engine, *_ = initialize(model=model, config=config(stage, opt, micro, over))
             math_t = [0.0]
-            if opt == "spectral_newton":  # time the owner's matrix math apart from the exchange
-                inner = engine.basic_optimizer.matrix_direction
+            real = ms.owner_directions
 
-                def timed(*a, inner=inner, math_t=math_t):
-                    t = time.perf_counter()
-                    try:
-                        return inner(*a)
-                    finally:
-                        math_t[0] += time.perf_counter() - t
+            def timed(jobs, real=real, math_t=math_t):  # the owner's batched directions, apart from the rest
+                t = time.perf_counter()
+                try:
+                    return real(jobs)
+                finally:
+                    math_t[0] += time.perf_counter() - t
 
-                engine.basic_optimizer.matrix_direction = timed
+            ms.owner_directions = timed
             g = torch.Generator().manual_seed(rank)
             step_t, iter_t, mt = [], [], []
             for i in range(args.warmup + args.steps):
-                x = torch.randn(BATCH // 2, args.width, generator=g)
-                y = torch.randint(0, 10, (BATCH // 2,), generator=g)
+                if gpt:
+                    batch = torch.randint(0, 256, (micro, args.seq), generator=g)
+                else:
+                    x = torch.randn(BATCH // 2, args.width, generator=g)
+                    y = torch.randint(0, 10, (BATCH // 2,), generator=g)
                 dist.barrier()
                 math_t[0] = 0.0
                 t0 = time.perf_counter()
-                loss = nn.functional.cross_entropy(engine(x), y)
+                if gpt:
+                    out = engine(input_ids=batch).logits[:, :-1]
+                    loss = nn.functional.cross_entropy(
+                        out.reshape(-1, out.shape[-1]), batch[:, 1:].reshape(-1)
+                    )
+                else:
+                    loss = nn.functional.cross_entropy(engine(x), y)
                 engine.backward(loss)
                 t1 = time.perf_counter()
                 engine.step()
@@ -96,6 +122,7 @@ def worker(args) -> None:
                     step_t.append(t[0].item())
                     iter_t.append(t[1].item())
                     mt.append(t[2].item())
+            ms.owner_directions = real
             rows.append(
                 (stage, opt, statistics.median(step_t), statistics.median(iter_t), statistics.median(mt))
             )
@@ -108,10 +135,18 @@ def worker(args) -> None:
 
 def table(rows, args) -> str:
     base = {(s, o): (st, it) for s, o, st, it, _ in rows}
-    n_params = sum(p.numel() for p in make_model(args.width, args.depth).parameters())
+    if args.model == "gpt2":
+        n_params = sum(p.numel() for p in make_gpt2(args.depth, args.seq).parameters())
+        what = (
+            f"GPT-2 layers (d=768, 12 heads, byte vocabulary) x {args.depth} ({n_params / 1e6:.2f} M parameters), "
+            f"{args.tokens} tokens per step in sequences of {args.seq}"
+        )
+    else:
+        n_params = sum(p.numel() for p in make_model(args.width, args.depth).parameters())
+        what = f"MLP width {args.width}, depth {args.depth} ({n_params / 1e6:.2f} M parameters), global batch {BATCH}"
     lines = [
-        f"MLP width {args.width}, depth {args.depth} ({n_params / 1e6:.2f} M parameters), global batch {BATCH}, "
-        f"fp32, 2 gloo processes x 1 thread, median of {args.steps} steps after {args.warmup} warm-up.",
+        f"{what}, fp32, 2 gloo processes x 1 thread, median of {args.steps} steps after {args.warmup} warm-up; "
+        f"spectral_newton with the config's options but basis={args.basis!r}, alpha={args.alpha!r}.",
         "",
         "| ZeRO stage | optimizer | optimizer step (ms) | of which matrix math (ms) | step / AdamW "
         "| iteration (ms) | iteration / AdamW |",
@@ -128,8 +163,14 @@ def table(rows, args) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--model", choices=["mlp", "gpt2"], default="gpt2")
+    ap.add_argument("--width", type=int, default=256, help="MLP width")
+    ap.add_argument("--depth", type=int, default=2, help="MLP depth or GPT-2 layers")
+    ap.add_argument("--tokens", type=int, default=4096, help="GPT-2 tokens per step over both ranks")
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--stages", type=int, nargs="*", default=[2])
+    ap.add_argument("--basis", default="auto", help="overrides the config's basis")
+    ap.add_argument("--alpha", default="1.0", help="overrides the config's alpha (a number or by_layer)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)
@@ -158,7 +199,9 @@ def main() -> None:
                 PYTHONPATH=str(ROOT),
             )
             cmd = [sys.executable, __file__, "--worker", "--result", result]
-            cmd += ["--width", str(args.width), "--depth", str(args.depth)]
+            cmd += ["--width", str(args.width), "--depth", str(args.depth), "--model", args.model]
+            cmd += ["--tokens", str(args.tokens), "--seq", str(args.seq), "--stages", *map(str, args.stages)]
+            cmd += ["--basis", args.basis, "--alpha", str(args.alpha)]
             cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL if r else None))
         for p in procs:

@@ -52,6 +52,7 @@ def make_opt(model, engine=None, **opts) -> SpectralNewton:
     """SpectralNewton over named parameters (every matrix spectral), or ``from_model`` with ``from_model=True``
     (by-layer alpha; the 1 x 5 output layer becomes an AdamW head)."""
     base = dict(lr=0.02, weight_decay=0.01, adamw_lr=0.01, adamw_weight_decay=0.01, momentum=0.9)
+    base["basis"] = "svd"  # compared with one process at 1e-5: the exact basis (tests pass others explicitly)
     base.update(opts)
     if base.pop("from_model", False):
         return SpectralNewton.from_model(model, engine=engine, **base)
@@ -260,6 +261,8 @@ EQ_SCENARIOS = [
     ("fsdp2", {}),
     ("fsdp2", {"basis": "tracked", "rank": 2, "refresh_every": 3}),
     ("fsdp2", {"from_model": True}),  # by-layer alpha: conv 2, fc1 (mlp_up) 0.5, fc2 (mlp_down) 1
+    # the default basis by layer: cholesky (conv), eigenbasis (fc1: a basis kept on every rank), polar express
+    ("fsdp2", {"from_model": True, "basis": "auto"}),
 ]
 CKPT_OPTS = {"basis": "tracked", "rank": 2, "refresh_every": 3}
 CKPT_AT = 5

@@ -25,6 +25,7 @@ STEPS, SAVE_AT, MICRO, WORLD = 4, 2, 4, 2
 OPTIONS = {
     "lr": 0.02,
     "alpha": "by_layer",
+    "basis": "svd",  # the exact polar factor (test_matrix_step_is_not_sgd checks its equal singular values)
     "momentum": 0.9,
     "weight_decay": 0.01,
     "adamw_lr": 0.01,

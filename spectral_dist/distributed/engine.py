@@ -4,19 +4,26 @@ An engine only needs *slots*: for each parameter the optimizer steps, its key (F
 ranks (:mod:`.describe` for tensors and DTensors, the DeepSpeed integration for ZeRO's flat partitions) and
 accessors for this rank's local data, gradient and state buffers. A step is:
 
-1. **Agreement** (one ``all_reduce`` and the step's one host sync): per parameter, how many holders have a
+1. **Agreement** (one ``all_reduce`` and one host sync): per parameter, how many holders have a
    gradient and whether any holder's gradient is non-finite. Every rank then takes the same decisions: skip a
    parameter whose gradient is non-finite anywhere (also a shard of a vector), raise when a gradient is
    missing on some holders, raise ``NonFiniteGradientError`` after too many skips in a row.
 2. **Momentum**, elementwise on each rank's own elements (momentum lives sharded like the parameter, so every
    rank's state dict has the parameter's own layout: DCP, accelerate and DeepSpeed checkpoints just work).
 3. ``gather_to_owners``: the momentum-blended matrix M goes to its owner (LPT plan), each piece once.
-4. The owner computes the direction (batched by shape, :func:`~spectral_dist.optim.matrix_step.owner_directions`).
+4. The owner computes the direction (batched by shape, :func:`~spectral_dist.optim.matrix_step.owner_directions`;
+   the finite flags of all its batches are read with one host sync).
 5. ``scatter_from_owners``: every rank receives a status header for every matrix, its pieces of the
    direction and, for tracked bases, the new basis (kept on every rank so any rank's state is complete).
-6. Every rank applies its pieces (weight decay, lr from the *live* param group), updates the counters from
-   the header (identical everywhere) and raises together when a status says so. AdamW runs elementwise on
-   the vectors' local elements.
+   All headers are read with one host sync (none in one process, where they are the owner's own results).
+6. Every rank applies its pieces (weight decay, lr from the *live* param group) with foreach ops, updates the
+   counters from the header (identical everywhere) and raises together when a status says so. AdamW runs
+   with foreach ops on the vectors' local elements.
+
+Host syncs per step: 2 in one process, 3 over a process group, whatever the number of matrices, with the
+matmul-only bases (``basis="auto"`` at alpha 0, 1, 2); eigh/SVD-based bases add one per shape group (the
+LAPACK/cuSOLVER info check), stateful bases (tracked, eigenbasis) a few per matrix
+(tests/test_step_syncs.py counts them).
 
 Engine choice (:func:`make_engine`), taken at the first step, never at construction (building an optimizer
 is never collective, so one built on a single rank cannot hang): ``distributed=False`` or no initialised
@@ -36,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from ..optim import matrix_step as ms
+from ..spectral import STATEFUL
 from .describe import describe, is_dtensor, local_tensor
 from .exchange import ExchangeError, _names, comm_device, gather_to_owners, scatter_from_owners
 from .layout import MatrixLayout, Plan, build_plan
@@ -229,14 +237,14 @@ class OwnerEngine:
         grad_of = {s.key: g for s, g in zip(slots, grads)}
         if mats:
             errors.extend(self._matrix_step(opt, mats, grad_of))
-        for s, g in vecs:
-            opt.adamw_slot(s, g)
+        if vecs:
+            opt.adamw_slots(vecs)  # foreach over all vectors, grouped by param group and dtype
         if errors:
             raise errors[0]
 
     def _agree(self, slots, grads) -> list[str]:
         """Per slot "none" (no gradient anywhere), "skip" (non-finite somewhere) or "step"; identical on all
-        ranks. The one host sync of the step."""
+        ranks. One host sync."""
         n = len(slots)
         if n == 0:
             return []
@@ -288,14 +296,9 @@ class OwnerEngine:
 
     # ------------------------------------------------------------------ matrices
     def _momentum(self, opt, slots, grad_of) -> dict[str, torch.Tensor]:
-        """Update each matrix's momentum on this rank's elements; return the local M to precondition."""
-        local = {}
-        for s in slots:
-            g = grad_of[s.key]
-            if g is None:  # holds nothing of it
-                continue
-            local[s.key] = opt.momentum_slot(s, g)
-        return local
+        """Update each matrix's momentum on this rank's elements (foreach); return the local M to precondition."""
+        items = [(s, grad_of[s.key]) for s in slots if grad_of[s.key] is not None]  # None: holds nothing
+        return {s.key: M for (s, _), M in zip(items, opt.momentum_slots(items))}
 
     def _owner_compute(self, opt, slots, full) -> dict[str, ms.DirectionResult]:
         jobs = []
@@ -325,26 +328,34 @@ class OwnerEngine:
         payload, extra_sizes = {}, {}
         by_key = {s.key: s for s in slots}
         for s in slots:
-            if s.group["basis"] == "tracked":
+            if ms.slot_method(opt, s) in STATEFUL:  # the new basis travels to every rank
                 extra_sizes[s.key] = s.mshape[1] * ms.tracked_rank(s.mshape, s.group)
-        for k, r in results.items():
-            h = torch.tensor([float(r.status), float(r.retries), float(r.refreshes)], dtype=dtype)
+        owned = list(results)
+        # all of this rank's headers as one host-built table (one copy to the device, not one per matrix)
+        table = torch.tensor(
+            [[float(r.status), float(r.retries), float(r.refreshes)] for r in results.values()], dtype=dtype
+        ).reshape(len(owned), HEADER)
+        for i, (k, r) in enumerate(results.items()):
             D = r.D.reshape(-1) if r.D is not None and r.status in (ms.OK, ms.FALLBACK) else None
             basis = r.basis if (r.status == ms.OK and k in extra_sizes) else None
             if basis is not None and basis.numel() != extra_sizes[k]:
                 raise RuntimeError(
                     f"tracked basis of {k!r} has {basis.numel()} numbers, expected {extra_sizes[k]}"
                 )
-            payload[k] = (h, D, basis)
+            payload[k] = (table[i], D, basis)
         got = scatter_from_owners(
             self.plan, payload, group, keys=keys, header_size=HEADER, extra_sizes=extra_sizes, dtype=dtype
         )
-        headers = (
-            torch.stack([got[k][0].reshape(-1).to("cpu", torch.float64) for k in keys]).tolist()
-            if keys
-            else []
-        )
-        errors = []
+        if self.local:  # one process: the headers are this process's own results, no copy needed
+            headers = [[r.status, r.retries, r.refreshes] for r in (results[k] for k in keys)]
+        elif keys:  # a host sync: every header at once (headers from other ranks are on the communication
+            # device; stacking them there first keeps it to one device-to-host copy, not one per matrix)
+            hs = [got[k][0].reshape(-1) for k in keys]
+            dev = next((h.device for h in hs if h.device.type != "cpu"), torch.device("cpu"))
+            headers = torch.stack([h.to(dev, dtype) for h in hs]).tolist()
+        else:
+            headers = []
+        errors, updates = [], []
         for k, (status, retries, refreshes) in zip(keys, headers):
             s = by_key[k]
             _, D, extra = got[k]
@@ -358,9 +369,11 @@ class OwnerEngine:
                 int(refreshes),
                 results[k] if k in results else None,
                 self.plan.owner(k),
+                updates=updates,
             )
             if err is not None:
                 errors.append(err)
+        opt.apply_matrix_updates(updates)  # foreach, grouped by param group
         return errors
 
 
@@ -391,20 +404,22 @@ class ShardLocalEngine(OwnerEngine):
         local = self._momentum(opt, slots, grad_of)
         errors = []
         for s in slots:
-            if s.group["basis"] == "tracked":
-                raise ValueError("ShardLocalEngine does not support basis='tracked'")
+            if s.group["basis"] in STATEFUL:
+                raise ValueError(f"ShardLocalEngine does not support basis={s.group['basis']!r}")
             M = local.get(s.key)
             if M is None or M.numel() == 0:
                 res = ms.DirectionResult(ms.OK, None)
             else:
                 rows = M.numel() // s.mshape[1]
                 meta = s.meta()
+                stateless = ms.slot_method(opt, s, stateless=True)  # "auto": no per-block basis
+                grp = s.group if stateless == ms.slot_method(opt, s) else dict(s.group, basis=stateless)
                 res = ms.owner_directions(
                     [
                         ms.DirectionJob(
                             s.key,
                             M.view(rows, s.mshape[1]),
-                            s.group,
+                            grp,
                             opt.resolve_alpha_meta(meta, s.group),
                             None,
                             opt.counters(meta)["consecutive_failures"],

@@ -192,7 +192,7 @@ def check_config(cfg: Mapping) -> dict:
             f"optimizer.params has unknown spectral_newton option(s) {unknown}: use only {sorted(allowed)}"
         )
     for k, v in params.items():
-        if v == "auto" and k != "alpha":
+        if v == "auto" and k not in ("alpha", "basis"):  # basis="auto" is SpectralNewton's own default
             raise SpectralConfigError(
                 f'optimizer.params.{k}="auto" is not resolved for spectral_newton: give a number '
                 f"(with accelerate, pass it to prepare_spectral_newton(..., {k}=...))"

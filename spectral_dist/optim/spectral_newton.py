@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from ..spectral import METHODS, DecompositionError
+from ..spectral import BASES, STATEFUL, DecompositionError
 from ..spectral.decompose import compute_dtype
 from ..spectral.transform import check_alpha, check_damping
 from . import matrix_step as ms
@@ -80,12 +80,14 @@ def validate_group(g: Mapping) -> None:
     _check_nonneg("weight_decay", g["weight_decay"])
     if g["scale"] not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {g['scale']!r}")
-    if g["basis"] not in METHODS:
-        raise ValueError(f"basis must be one of {METHODS}, got {g['basis']!r}")
-    if g["basis"] == "newton_schulz" and g["alpha"] not in (1, 1.0):
+    if g["basis"] not in BASES:
+        raise ValueError(f"basis must be one of {BASES}, got {g['basis']!r}")
+    if g["basis"] in ("newton_schulz", "polar_express") and g["alpha"] not in (1, 1.0):
         raise ValueError(
-            f"basis='newton_schulz' computes the polar factor and needs alpha=1, got alpha={g['alpha']!r}"
+            f"basis={g['basis']!r} computes the polar factor and needs alpha=1, got alpha={g['alpha']!r}"
         )
+    if g["basis"] == "cholesky" and (isinstance(g["alpha"], str) or float(g["alpha"]) not in (0.0, 2.0)):
+        raise ValueError(f"basis='cholesky' is exact for alpha = 0 or 2 only, got alpha={g['alpha']!r}")
     r = g["rank"]
     if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r <= 0):
         raise ValueError(f"rank must be a positive integer or None, got {r!r}")
@@ -134,15 +136,22 @@ class SpectralNewton(torch.optim.Optimizer):
         scale: ``"rms"`` rescales each direction to RMS ``rms_target`` (0.2, AdamW's typical update RMS);
             ``"spectral"`` multiplies by sqrt(max(1, m / n)) as Muon does; ``"none"`` keeps raw T, so lr = 1
             with momentum 0 is a damped Newton step when h_k = sigma_k^alpha.
-        basis: ``"svd"``, ``"gram"``, ``"newton_schulz"`` (alpha = 1) or ``"tracked"``.
-        rank: rank of the tracked basis (None: full).
-        refresh_every: exact SVD refresh period of the tracked basis.
+        basis: ``"auto"`` (default) picks per device and alpha (:func:`~spectral_dist.spectral.auto_method`):
+            alpha = 0 or 2 (damping > 0): ``"cholesky"``, exact closed forms, a Cholesky solve; alpha = 1:
+            ``"polar_express"``, matmuls only (bf16 on CUDA), singular values of the direction within
+            [0.89, 1.11] of the polar factor's at 5 steps; other alpha: ``"gram"`` (exact, float64 eigh).
+            Measured reasons in docs/benchmarks.md. Explicit choices: ``"svd"`` (the reference),
+            ``"gram"``, ``"newton_schulz"`` / ``"polar_express"`` (alpha = 1), ``"cholesky"`` (alpha 0, 2),
+            ``"tracked"``, ``"eigenbasis"`` (stateful, any alpha, matmuls plus a QR).
+        rank: rank of the tracked / eigenbasis basis (None: full).
+        refresh_every: ``"tracked"``: exact SVD refresh period; ``"eigenbasis"``: period of its power
+            iteration + QR (1, the default, keeps its error at 1-5%; 10 lets it drift to 5-90%).
         adamw_lr: AdamW's learning rate for non-matrix parameters *when lr is at its constructed value*. The
             AdamW step follows lr's schedule: it uses ``adamw_lr * lr / base_lr`` with ``base_lr`` the group's
             lr at construction (kept in the group as ``base_lr``). None: AdamW uses ``lr``.
         adamw_betas, adamw_eps, adamw_weight_decay: AdamW options for non-matrix parameters.
         rms_target: update RMS for ``scale="rms"``.
-        ns_steps: Newton-Schulz iterations (``basis="newton_schulz"``).
+        ns_steps: Newton-Schulz / Polar Express iterations.
         max_consecutive_skips: a parameter whose gradient is non-finite this many steps in a row raises
             :class:`NonFiniteGradientError` (its earlier non-finite steps are skipped and counted).
         master_weights: keep an fp32 master copy (4 bytes per element, in the state as ``master``) of bf16 /
@@ -170,7 +179,7 @@ class SpectralNewton(torch.optim.Optimizer):
         damping: float = 1e-4,
         weight_decay: float = 0.0,
         scale: str = "rms",
-        basis: str = "svd",
+        basis: str = "auto",
         rank: int | None = None,
         refresh_every: int = 1,
         adamw_lr: float | None = None,
@@ -378,7 +387,7 @@ class SpectralNewton(torch.optim.Optimizer):
         if slot.kind == "matrix":
             slot.buffer("momentum_buffer", cd)
             meta.setdefault("alpha_estimate", None)  # set by AutoAlpha; present from the start so it resumes
-            if slot.group["basis"] == "tracked":  # step 0: the first use refreshes with an exact SVD
+            if ms.slot_method(self, slot) in STATEFUL:  # step 0: the first use starts from an exact SVD
                 m, n = slot.mshape
                 r = ms.tracked_rank(slot.mshape, slot.group)
                 meta.setdefault(
@@ -393,16 +402,62 @@ class SpectralNewton(torch.optim.Optimizer):
 
     def momentum_slot(self, slot, g: torch.Tensor) -> torch.Tensor:
         """Fold this rank's gradient elements into the momentum; return the local M to precondition."""
-        group = slot.group
-        cd = compute_dtype(slot.local().dtype)
-        buf = slot.buffer("momentum_buffer", cd)
-        g = g.to(cd)
-        mom = group["momentum"]
-        buf.lerp_(g, 1.0 - mom)
-        return g.lerp(buf, mom) if group["nesterov"] else buf
+        return self.momentum_slots([(slot, g)])[0]
 
-    def finish_matrix(self, slot, status, D, extra, retries, refreshes, result, owner):
-        """Every rank, every stepped matrix: counters from the owner's header, tracked basis, the update."""
+    def momentum_slots(self, items) -> list[torch.Tensor]:
+        """:meth:`momentum_slot` for many ``(slot, local gradient)`` pairs with foreach ops, per param group."""
+        out: list = [None] * len(items)
+        work: dict = {}
+        for i, (slot, g) in enumerate(items):
+            cd = compute_dtype(slot.local().dtype)
+            work.setdefault((slot.gi, cd), []).append((i, slot.buffer("momentum_buffer", cd), g.to(cd)))
+        for (gi, _), its in work.items():
+            group = self.param_groups[gi]
+            mom = group["momentum"]
+            bufs, gs = [b for _, b, _ in its], [g for _, _, g in its]
+            torch._foreach_lerp_(bufs, gs, 1.0 - mom)
+            Ms = torch._foreach_lerp(gs, bufs, mom) if group["nesterov"] else bufs
+            for (i, _, _), M in zip(its, Ms):
+                out[i] = M
+        return out
+
+    def _apply_foreach(self, slots, deltas, lr: float, wd: float) -> None:
+        """x <- x (1 - lr wd) - lr delta for every slot's local elements (through fp32 master copies for
+        half-precision parameters): the per-slot :meth:`_update` with foreach ops, the same arithmetic."""
+        targets, ds, back = [], [], []
+        for s, d in zip(slots, deltas):
+            if self._half(s):
+                m = self._master(s)
+                targets.append(m)
+                back.append((s, m))
+            else:
+                lt = s.local()
+                if not lt.is_contiguous():  # e.g. channels_last: the per-slot path copies and writes back
+                    self._update(
+                        s, lambda x, d=d: (x.mul_(1.0 - lr * wd) if wd else x).add_(d.to(x.dtype), alpha=-lr)
+                    )
+                    continue
+                targets.append(lt.view(-1))
+            ds.append(d.reshape(-1).to(targets[-1].device, targets[-1].dtype))
+        if targets:
+            if wd:
+                torch._foreach_mul_(targets, 1.0 - lr * wd)
+            torch._foreach_add_(targets, ds, alpha=-lr)
+        for s, m in back:
+            s.apply(lambda flat, m=m: flat.copy_(m))
+
+    def apply_matrix_updates(self, updates) -> None:
+        """Apply the ``(slot, local direction)`` pairs :meth:`finish_matrix` collected, per param group."""
+        work: dict = {}
+        for slot, D in updates:
+            work.setdefault(slot.gi, []).append((slot, D))
+        for gi, its in work.items():
+            group = self.param_groups[gi]
+            self._apply_foreach([s for s, _ in its], [d for _, d in its], group["lr"], group["weight_decay"])
+
+    def finish_matrix(self, slot, status, D, extra, retries, refreshes, result, owner, updates=None):
+        """Every rank, every stepped matrix: counters from the owner's header, tracked basis, the update (applied
+        here, or appended to ``updates`` for :meth:`apply_matrix_updates` to apply with foreach ops)."""
         meta = slot.meta()
         c = self.counters(meta)
         group = slot.group
@@ -413,10 +468,10 @@ class SpectralNewton(torch.optim.Optimizer):
             c["steps"] += 1
             if status == ms.OK:
                 c["consecutive_failures"] = 0
-                if group["basis"] == "tracked":
+                basis = result.basis if result is not None and result.basis is not None else extra
+                if basis is not None and ms.slot_method(self, slot) in STATEFUL:
                     m, n = slot.mshape
                     r = ms.tracked_rank(slot.mshape, group)
-                    basis = result.basis if result is not None and result.basis is not None else extra
                     device = slot.local().device
                     tr = meta.setdefault("tracked", {})
                     tr["basis"] = (
@@ -427,7 +482,9 @@ class SpectralNewton(torch.optim.Optimizer):
                 c["decomposition_failures"] += 1
                 c["consecutive_failures"] += 1
                 c["fallbacks"] += 1
-            if D is not None and D.numel():
+            if D is not None and D.numel() and updates is not None:
+                updates.append((slot, D))
+            elif D is not None and D.numel():
                 lr, wd = group["lr"], group["weight_decay"]
 
                 def delta(x, D=D):
@@ -455,32 +512,40 @@ class SpectralNewton(torch.optim.Optimizer):
 
     def adamw_slot(self, slot, g: torch.Tensor | None) -> None:
         """AdamW on this rank's elements of a non-matrix parameter (counters on every rank)."""
-        meta = slot.meta()
-        c = self.counters(meta)
-        group = slot.group
-        c["consecutive_skips"] = 0
-        c["steps"] += 1
-        meta["adam_step"] = t = int(meta.get("adam_step", 0)) + 1
-        if g is None or g.numel() == 0:
-            return
-        cd = compute_dtype(slot.local().dtype)
-        ea = slot.buffer("exp_avg", cd)
-        eas = slot.buffer("exp_avg_sq", cd)
-        b1, b2 = group["adamw_betas"]
-        lr = self.adamw_lr(group)
-        g = g.to(cd)
-        ea.lerp_(g, 1 - b1)
-        eas.mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (eas / (1 - b2**t)).sqrt_().add_(group["adamw_eps"])
-        update = ea / (1 - b1**t) / denom
-        wd = group["adamw_weight_decay"]
+        self.adamw_slots([(slot, g)])
 
-        def delta(x):
-            if wd:
-                x.mul_(1 - lr * wd)
-            x.add_(update.to(x.dtype), alpha=-lr)
-
-        self._update(slot, delta)
+    def adamw_slots(self, items) -> None:
+        """AdamW for many ``(slot, local gradient or None)`` pairs: counters per slot (every rank), the moments
+        and the update with foreach ops per param group and dtype (the same arithmetic as one slot at a time;
+        each slot keeps its own step count for the bias corrections)."""
+        work: dict = {}
+        for slot, g in items:
+            meta = slot.meta()
+            c = self.counters(meta)
+            c["consecutive_skips"] = 0
+            c["steps"] += 1
+            meta["adam_step"] = t = int(meta.get("adam_step", 0)) + 1
+            if g is None or g.numel() == 0:
+                continue
+            cd = compute_dtype(slot.local().dtype)
+            work.setdefault((slot.gi, cd), []).append((slot, g.to(cd), t))
+        for (gi, cd), its in work.items():
+            group = self.param_groups[gi]
+            b1, b2 = group["adamw_betas"]
+            gs = [g for _, g, _ in its]
+            ea = [s.buffer("exp_avg", cd) for s, _, _ in its]
+            eas = [s.buffer("exp_avg_sq", cd) for s, _, _ in its]
+            torch._foreach_lerp_(ea, gs, 1 - b1)
+            torch._foreach_mul_(eas, b2)
+            torch._foreach_addcmul_(eas, gs, gs, value=1 - b2)
+            denom = torch._foreach_div(eas, [1 - b2**t for _, _, t in its])
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, group["adamw_eps"])
+            update = torch._foreach_div(ea, [1 - b1**t for _, _, t in its])
+            torch._foreach_div_(update, denom)
+            self._apply_foreach(
+                [s for s, _, _ in its], update, self.adamw_lr(group), group["adamw_weight_decay"]
+            )
 
     # ------------------------------------------------------------------ step
     def _get_engine(self):

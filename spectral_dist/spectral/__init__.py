@@ -1,14 +1,35 @@
 """Math of the Spectral Newton step, free of torch.distributed."""
 
 from .decompose import DecompositionError, robust_eigh, robust_svd
-from .direction import METHODS, newton_schulz, spectral_direction, tracked_direction
+from .direction import (
+    BASES,
+    METHODS,
+    STATEFUL,
+    auto_method,
+    cholesky_direction,
+    direction_unchecked,
+    eigenbasis_batched,
+    eigenbasis_direction,
+    newton_schulz,
+    polar_express,
+    spectral_direction,
+    tracked_direction,
+)
 from .transform import inverse_transform, spectral_transform
 
 __all__ = [
+    "BASES",
     "DecompositionError",
     "METHODS",
+    "STATEFUL",
+    "auto_method",
+    "cholesky_direction",
+    "direction_unchecked",
+    "eigenbasis_batched",
+    "eigenbasis_direction",
     "inverse_transform",
     "newton_schulz",
+    "polar_express",
     "robust_eigh",
     "robust_svd",
     "spectral_direction",

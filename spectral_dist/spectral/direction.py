@@ -1,17 +1,33 @@
-"""Spectral directions D = U diag(T(sigma; alpha)) V^T, computed four ways.
+"""Spectral directions D = U diag(T(sigma; alpha)) V^T, computed seven ways (and ``"auto"``, which picks one).
 
 * ``"svd"``: the reference, a thin SVD.
-* ``"gram"``: eigh of the smaller Gram matrix. D = G f(G^T G) with f(l) = 1 / (l^(alpha/2) + lambda), so no
-  division by sigma and no U is needed. Squaring G squares its condition number: singular values below
-  sqrt(max(m,n) * eps) * sigma_1 are treated as zero. Agreement with ``"svd"``: ~1e-10 relative in float64,
-  ~1e-3 in float32 (tests pin both).
-* ``"newton_schulz"``: alpha = 1 only; polynomial iteration towards the polar factor U V^T (see
+* ``"gram"``: eigh of the smaller Gram matrix, formed and decomposed in float64. D = G f(G^T G) with
+  f(l) = 1 / (l^(alpha/2) + lambda), so no division by sigma and no U is needed. Squaring G squares its
+  condition number: singular values below sqrt(max(m,n) * eps64) * sigma_1 (~4e-7 sigma_1) are treated as
+  zero. Agreement with ``"svd"``: ~1e-10 relative in float64, ~1e-6 for float32 inputs (tests pin both).
+* ``"newton_schulz"``: alpha = 1 only; Muon's fixed quintic iteration towards the polar factor U V^T (see
   :func:`newton_schulz`). It ignores damping.
+* ``"polar_express"``: alpha = 1 only; the polar factor by odd quintic polynomials with per-iteration minimax
+  coefficients (Polar Express, Amsel et al. 2025; :data:`POLAR_EXPRESS_COEFFICIENTS`). Matmuls only. It
+  ignores damping, like Newton-Schulz (T(sigma; 1) and the polar factor differ by lambda / (sigma + lambda),
+  1e-4 on the top direction at the default damping).
+* ``"cholesky"``: alpha = 2 (and alpha = 0) exactly: D = G (G^T G + lambda I)^(-1), since
+  sigma / (sigma^2 + lambda) = sigma * f(sigma^2) with f(s) = 1 / (s + lambda); alpha = 0 is G / (1 + damping).
+  One Gram product, a few power iterations for sigma_1^2 (lambda = damping * sigma_1^2), one Cholesky
+  factorisation and one triangular solve (``cholesky_ex``: no host sync).
 * ``"tracked"``: a rank-r right singular basis kept across steps, refined by warm-started subspace iteration
   and replaced by an exact SVD every ``refresh_every`` steps (see :func:`tracked_direction`).
+* ``"eigenbasis"``: any alpha; an eigenbasis Q of G^T G kept across steps (SOAP-style): one power iteration
+  plus QR every ``refresh_every`` steps, an SVD only when there is no basis yet; every step is
+  D = (G Q) diag(f(||G q_i||^2)) Q^T, two matmuls (see :func:`eigenbasis_direction`).
+
+``"auto"`` (:func:`auto_method`) picks per alpha (and the matmul dtype per device); the measured reasons are in
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -19,15 +35,27 @@ from .decompose import DecompositionError, compute_dtype, robust_eigh, robust_sv
 from .transform import check_alpha, check_damping, inverse_transform, rank_floor
 
 __all__ = [
+    "BASES",
     "METHODS",
     "NS_COEFFICIENTS",
-    "spectral_direction",
-    "newton_schulz",
-    "tracked_direction",
+    "POLAR_EXPRESS_COEFFICIENTS",
+    "STATEFUL",
     "DecompositionError",
+    "auto_method",
+    "cholesky_direction",
+    "direction_unchecked",
+    "eigenbasis_batched",
+    "eigenbasis_direction",
+    "newton_schulz",
+    "polar_express",
+    "spectral_direction",
+    "tracked_direction",
 ]
 
-METHODS = ("svd", "gram", "newton_schulz", "tracked")
+METHODS = ("svd", "gram", "newton_schulz", "tracked", "polar_express", "cholesky", "eigenbasis")
+BASES = ("auto",) + METHODS  # what a param group's ``basis`` may say
+STATEFUL = ("tracked", "eigenbasis")  # methods that keep a per-matrix basis across steps
+ALPHA_ONE = ("newton_schulz", "polar_express")  # polar-factor methods: alpha must be 1
 
 # Quintic coefficients tuned for speed by Muon (Keller Jordan): 5 steps map singular values in
 # [~1e-3 sigma_1, sigma_1] into roughly [0.68, 1.13] rather than exactly 1. The cubic iteration
@@ -36,6 +64,51 @@ NS_COEFFICIENTS = {
     "quintic": (3.4445, -4.7750, 2.0315),
     "cubic": (1.5, -0.5, 0.0),
 }
+
+
+# Polar Express (Amsel, Persson, Musco, Gower 2025): step k applies the odd quintic p_k(x) = a x + b x^3 + c x^5
+# that is minimax-optimal for max |1 - p_k(x)| over the interval [l_k, u_k] the previous steps left the singular
+# values in, starting from [1e-3, 1] (G normalised by 1.01 ||G||_F, so sigma_1 <= 1/1.01). Computed here with a
+# linear program on 8,000 points per interval (benchmarks/basis_accuracy.py --coefficients recomputes them);
+# the interval after each step: [0.00847, 1.99], [0.0354, 1.96], [0.140, 1.86], [0.454, 1.55],
+# [0.887, 1.11], [0.9991, 1.0009], [1 - 6e-10, 1 + 6e-10]. Steps past the list repeat the last polynomial,
+# the fixed point iteration (15/8, -5/4, 3/8). Muon's fixed quintic leaves [0.68, 1.13] after 5 steps.
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.4703294819, -25.1080786235, 18.6292788121),
+    (4.1828371388, -3.1087038820, 0.5806071962),
+    (3.9618663078, -2.9540701252, 0.5629768504),
+    (3.2866087143, -2.4647369800, 0.5073595999),
+    (2.2737686210, -1.6446773010, 0.4161927912),
+    (1.8887178929, -1.2651590914, 0.3765191150),
+    (1.8749020652, -1.2498032079, 0.3749011427),
+)
+
+
+def auto_method(alpha: float, damping: float, device) -> str:
+    """The method ``basis="auto"`` uses for one matrix (measurements in docs/benchmarks.md).
+
+    * alpha = 0, or alpha = 2 with damping > 0: ``"cholesky"``, the exact closed forms (alpha = 2: one Gram
+      product, one Cholesky solve; measured 0.3-0.8x the cost of 5 Newton-Schulz steps on CPU).
+    * alpha = 1: ``"polar_express"``, matmuls only: 0.6-0.8x the cost of Muon's 5 Newton-Schulz steps on CPU
+      (its Gram form for rectangular shapes), 8% error on the direction against 19% for Muon's polynomial.
+      On CUDA the optimizer runs it in bf16, as Muon does (on CPU bf16 matmuls are slow).
+    * any other alpha: ``"eigenbasis"``: matmuls plus one QR per matrix and step, 1-5% error along drifting
+      gradients (refresh_every=1). The exact alternative, ``"gram"`` (float64 eigh), measured 3.1x the cost of
+      Muon's step at GPT-2 shapes on CPU, and eigh runs far below matmul speed on GPUs; in float32 an eigh of the
+      Gram matrix loses the directions that carry the update.
+    * alpha = 2 without damping: ``"gram"`` (the exact pseudo-inverse with its rank floor).
+
+    ``device`` is accepted so that per-device choices stay in one place; today only the matmul dtype of
+    Polar Express depends on it (see :mod:`spectral_dist.optim.matrix_step`).
+    """
+    del device
+    if alpha == 0.0 or (alpha == 2.0 and damping > 0):
+        return "cholesky"
+    if alpha == 1.0:
+        return "polar_express"
+    if alpha == 2.0:
+        return "gram"
+    return "eigenbasis"
 
 
 def _as_matrix(G: torch.Tensor) -> torch.Tensor:
@@ -53,15 +126,20 @@ def _svd_direction(G, alpha, damping, counter):
     return (U * T.unsqueeze(-2)) @ Vh
 
 
-def _gram_direction(G, alpha, damping, counter):
+def _gram_direction(G, alpha, damping, counter, decompose=None):
+    """D = G f(G^T G) (smaller side). Below float64 the Gram matrix, its eigh and the k x k matrix f(.) are
+    formed in float64 and only the final product G P runs in G's dtype: in float32 the Gram floor
+    sqrt(k eps) sigma_1 (~1e-2 sigma_1 at k = 768) would zero directions that carry most of the update at
+    alpha >= 1 (measured: 50-90% error on a 1/k spectrum, benchmarks/RESULTS.md)."""
     m, n = G.shape[-2:]
     tall = m >= n
-    A = G.mT @ G if tall else G @ G.mT
+    X = G.double()
+    A = X.mT @ X if tall else X @ X.mT
     A = 0.5 * (A + A.mT)  # exact symmetry for eigh
-    evals, Q = robust_eigh(A, counter)
+    evals, Q = robust_eigh(A, counter) if decompose is None else decompose(A)
     sigma = evals.clamp_min(0).sqrt()
     w = inverse_transform(sigma, alpha, damping, rank_floor(m, n, sigma.dtype, squared=True))
-    P = (Q * w.unsqueeze(-2)) @ Q.mT
+    P = ((Q * w.unsqueeze(-2)) @ Q.mT).to(G.dtype)
     return G @ P if tall else P @ G
 
 
@@ -89,6 +167,207 @@ def newton_schulz(
         B = b * A + c * (A @ A) if c else b * A
         X = a * X + B @ X
     return X.mT if transpose else X
+
+
+def _mm3(X: torch.Tensor):
+    """(..., m, n) as a 3-D batch for baddbmm, and the function that restores the leading dims."""
+    lead = X.shape[:-2]
+    return X.reshape(-1, *X.shape[-2:]), (lambda Y: Y.reshape(*lead, *Y.shape[-2:]))
+
+
+def polar_express(
+    G: torch.Tensor, steps: int = 5, eps: float = 1e-7, matmul_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Polar factor U V^T of G (..., m, n) by Polar Express: ``steps`` odd quintic steps with the per-step
+    minimax coefficients of :data:`POLAR_EXPRESS_COEFFICIENTS`.
+
+    Singular values above 1e-3 ||G||_F come out in [0.887, 1.113] after 5 steps, [0.9991, 1.0009] after 6
+    (Muon's 5 quintic steps: [0.68, 1.13]); smaller ones converge later (measured errors against the SVD in
+    benchmarks/RESULTS.md). ``matmul_dtype=torch.bfloat16`` runs the iteration in bf16 (GPUs); the result has
+    the working dtype of G.
+
+    Cost: 3 matmuls per step on X (k x l, k = min(m, n) <= l = max(m, n)): 4 k^2 l + 2 k^3 flops. When
+    l >= 2 k (and not in bf16) the steps run on the k x k Gram matrix instead (X_j = X R_j with R_j a
+    polynomial in Y = X^T X, all k x k: 4 matmuls of 2 k^3 per step, plus the Gram product and X R at the
+    end, 4 k^2 l): 1.5x fewer flops at l = 3k, 1.8x at l = 4k, the same result to float32 round-off.
+    """
+    out_dtype = compute_dtype(G.dtype)
+    mdt = matmul_dtype or out_dtype
+    X = G.to(mdt)
+    transpose = X.shape[-2] > X.shape[-1]
+    if transpose:
+        X = X.mT
+    X, restore = _mm3(X)  # (batch, k, l), k <= l
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + eps)
+    k, ln = X.shape[-2:]
+    coeffs = [POLAR_EXPRESS_COEFFICIENTS[min(j, len(POLAR_EXPRESS_COEFFICIENTS) - 1)] for j in range(steps)]
+    if steps and ln >= 2 * k and mdt not in (torch.float16, torch.bfloat16):
+        Y = torch.bmm(X, X.mT)  # X X^T (k x k); X_j = R_j X with R_j, Y_j polynomials in it
+        eye = torch.eye(k, dtype=X.dtype, device=X.device).expand_as(Y)
+        R = None
+        for j, (a, b, c) in enumerate(coeffs):
+            q = torch.baddbmm(torch.add(eye, Y, alpha=b / a), Y, Y, beta=a, alpha=c)  # a I + b Y + c Y^2
+            R = q if R is None else torch.bmm(q, R)
+            if j < steps - 1:
+                Y = torch.bmm(torch.bmm(q, Y), q)
+        X = torch.bmm(R, X)
+    else:
+        for a, b, c in coeffs:
+            A = torch.bmm(X, X.mT)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+    X = restore(X).to(out_dtype)
+    return X.mT if transpose else X
+
+
+def _sigma1_squared(A: torch.Tensor, iters: int = 32) -> torch.Tensor:
+    """Largest eigenvalue of the PSD batch A (..., n, n) by power iteration from a fixed start (no host
+    sync; 32 matrix-vector products, nothing next to the n^3 of the factorisation). It only sets lambda, and
+    it is a Rayleigh quotient, so from below: measured 2e-4 low on a 96 x 96 Gaussian, 1.8% low on a
+    768 x 768 Gaussian (a flat top, the worst case), exact to round-off when sigma_2 <= 0.9 sigma_1."""
+    n = A.shape[-1]
+    g = torch.Generator(device="cpu").manual_seed(n)
+    v = (torch.rand(n, 1, generator=g, dtype=torch.float64) + 0.5).to(A.device, A.dtype)
+    v = v.expand(*A.shape[:-2], n, 1)
+    for _ in range(iters):
+        v = A @ v
+        v = v / v.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
+    return (v.mT @ (A @ v)).squeeze(-1).clamp_min(0)  # (..., 1)
+
+
+def cholesky_direction(G: torch.Tensor, alpha: float, damping: float):
+    """(D, ok) for alpha = 2: D = G (G^T G + lambda I)^(-1) on the smaller side, lambda = damping * sigma_1^2;
+    alpha = 0: D = G / (1 + damping). ``ok`` (one bool per matrix) is False where the factorisation failed or
+    a value is non-finite; nothing here waits for the device.
+
+    Exact for T(sigma; 2) = sigma / (sigma^2 + lambda) up to the floor below which the SVD reference zeroes
+    sigma: there the Cholesky form keeps sigma / (sigma^2 + lambda), which is <= sigma / lambda.
+    Directions far below sqrt(eps) sigma_1 are lost when G^T G is formed (as in ``"gram"``); they carry
+    T(sigma) ~ sigma / lambda, nothing next to the top ones."""
+    lead = G.shape[:-2]
+    if alpha == 0.0:
+        D = G / (1.0 + damping)
+        return D, torch.isfinite(D).flatten(len(lead)).all(-1) if lead else torch.isfinite(D).all()
+    if alpha != 2.0:
+        raise ValueError(f"method='cholesky' is exact for alpha = 0 or 2 only, got alpha={alpha}")
+    m, n = G.shape[-2:]
+    tall = m >= n
+    A = G.mT @ G if tall else G @ G.mT
+    s1 = _sigma1_squared(A).unsqueeze(-1)  # (..., 1, 1)
+    k = A.shape[-1]
+    # lambda, at least a floor that keeps the factorisation defined for damping = 0 or a rank-deficient G (the
+    # rounding error of a formed Gram matrix is about sqrt(k) * eps * sigma_1^2; 7.6e-6 for k = 256 in float32)
+    lam = max(damping, 4.0 * math.sqrt(k) * torch.finfo(A.dtype).eps) * s1
+    lam = torch.where(s1 > 0, lam, torch.ones_like(lam))  # a zero matrix: any shift, D = 0
+    eye = torch.eye(k, dtype=A.dtype, device=A.device)
+    L, info = torch.linalg.cholesky_ex(A + lam * eye)
+    Y = torch.linalg.solve_triangular(L, G.mT if tall else G, upper=False)  # two TRSMs: cholesky_solve
+    D = torch.linalg.solve_triangular(L.mT, Y, upper=True)  # would check its info with a host sync
+    D = D.mT if tall else D
+    ok = (info == 0) & torch.isfinite(D).flatten(-2).all(-1)
+    return D, ok
+
+
+def eigenbasis_direction(
+    G: torch.Tensor,
+    alpha: float,
+    damping: float,
+    state: dict,
+    rank: int | None = None,
+    refresh_every: int = 10,
+    counter: dict | None = None,
+) -> torch.Tensor:
+    """Spectral direction in an eigenbasis of G^T G kept across calls (SOAP-style; any alpha, matmuls plus a
+    QR every ``refresh_every`` calls).
+
+    ``state`` (owned by the caller, like :func:`tracked_direction`'s) holds ``basis`` Q (n x r, orthonormal
+    columns) and ``step``. Without a basis (first call, another shape) Q is the top-r right singular vectors of
+    an SVD (counted in ``counter['refreshes']``); every ``refresh_every`` calls it is refined by one step of
+    subspace iteration Q <- qr(G^T G Q). Every call: B = G Q, d_i = ||B e_i||^2 (the Rayleigh quotients
+    q_i^T G^T G q_i), D = B diag(f(d)) Q^T with f(s) = 1 / (s^(alpha/2) + lambda); the part of G outside
+    span(Q) (r < min(m, n)) gets the factor of the weakest tracked direction, as ``tracked``'s ``"scaled"``
+    residual. Exact when Q is an eigenbasis; between refreshes the error grows with the drift of G's singular
+    vectors (measured in benchmarks/RESULTS.md).
+    """
+    if G.ndim != 2:
+        raise ValueError(f"eigenbasis_direction works on one matrix (m, n), got shape {tuple(G.shape)}")
+    m, n = G.shape
+    r = min(m, n) if rank is None else min(int(rank), m, n)
+    step = int(state.get("step", 0))
+    Q = state.get("basis")
+    counter = {} if counter is None else counter
+    if Q is None or tuple(Q.shape) != (n, r) or step == 0:
+        _, _, Vh = robust_svd(G, counter)
+        Q = Vh[:r].mT
+        counter["refreshes"] = counter.get("refreshes", 0) + 1
+    else:
+        Q = Q.to(G.dtype)
+        if step % max(1, refresh_every) == 0:
+            Q, _ = torch.linalg.qr(G.mT @ (G @ Q))
+    B = G @ Q
+    sigma = B.norm(dim=0)
+    w = inverse_transform(sigma, alpha, damping, rank_floor(m, n, sigma.dtype))
+    D = (B * w) @ Q.mT
+    if r < min(m, n):  # the residual G - B Q^T with the factor of the weakest tracked direction
+        w_r = w.gather(0, sigma.argmin().reshape(1))
+        D = D + w_r * (G - B @ Q.mT)
+    state["basis"] = Q.detach().clone()
+    state["step"] = step + 1
+    return D
+
+
+def eigenbasis_batched(
+    X: torch.Tensor,
+    alpha: float,
+    damping: float,
+    Q: torch.Tensor | None,
+    step: int,
+    rank: int | None = None,
+    refresh_every: int = 1,
+):
+    """:func:`eigenbasis_direction` for a batch X (b, m, n) whose matrices share ``step``: (D, Q_new, ok),
+    without host syncs (beyond the SVD's info check when ``Q`` is None or ``step`` is 0, the initialisation).
+    ``Q`` (b, n, r) is the batch of previous bases; ``ok`` (b,) says D and Q_new are finite."""
+    m, n = X.shape[-2:]
+    r = min(m, n) if rank is None else min(int(rank), m, n)
+    chol_ok = None
+    if Q is None or step == 0:
+        _, _, Vh = torch.linalg.svd(X, full_matrices=False)
+        Q = Vh[:, :r].mT
+    else:
+        Q = Q.to(X.dtype)
+        if step % max(1, refresh_every) == 0:
+            Q, chol_ok = _cholesky_qr(X.mT @ (X @ Q))
+    B = X @ Q
+    sigma = B.norm(dim=-2)  # (b, r)
+    w = inverse_transform(sigma, alpha, damping, rank_floor(m, n, sigma.dtype))
+    D = (B * w.unsqueeze(-2)) @ Q.mT
+    if r < min(m, n):
+        w_r = w.gather(-1, sigma.argmin(-1, keepdim=True)).unsqueeze(-1)  # (b, 1, 1)
+        D = D + w_r * (X - B @ Q.mT)
+    ok = torch.isfinite(D).flatten(-2).all(-1) & torch.isfinite(Q).flatten(-2).all(-1)
+    return D, Q, ok if chol_ok is None else ok & chol_ok
+
+
+def _cholesky_qr(Y: torch.Tensor):
+    """(Q, ok): the Q factor of Y (b, n, r) by shifted CholeskyQR3 on column-normalised Y, without host syncs.
+
+    Scaling columns by positive numbers does not change Q (Y S = Q (R S)), nor does any upper-triangular
+    change of basis change the nested spans of the leading columns (what subspace iteration needs). Pass 1
+    factors the Gram matrix shifted by 1e-4 (column-normalised: diagonal 1), which keeps the Cholesky defined
+    for condition numbers up to ~1e5 and leaves a basis with condition <~ 1e3; two plain passes then make it
+    orthonormal to round-off. Cholesky and triangular solves run at matmul-like speed (Householder QR
+    measured ~10x a matmul of the same size on CPU). ``ok`` is False where a factorisation failed (the
+    optimizer then redoes that matrix with Householder QR)."""
+    Y = Y / Y.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
+    ok = torch.ones(Y.shape[0], dtype=torch.bool, device=Y.device)
+    eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
+    for shift in (1e-4, 0.0, 0.0):
+        C = Y.mT @ Y
+        L, info = torch.linalg.cholesky_ex(C + shift * eye if shift else C)
+        Y = torch.linalg.solve_triangular(L.mT, Y, upper=True, left=False)  # Y L^-T
+        ok = ok & (info == 0)
+    return Y, ok
 
 
 def tracked_direction(
@@ -143,12 +422,54 @@ def tracked_direction(
     w = inverse_transform(S, alpha, damping, rank_floor(m, n, S.dtype))
     if residual == "scaled" and r < min(m, n):
         # U_r diag(S w) V^T + w_r (G - G Q Q^T) with G Q Q^T = U_r diag(S) V^T: one rank-r product, not two
-        D = torch.addmm(G, Ub * (S * (w - w[-1])).unsqueeze(0), V.mT, beta=w[-1].item(), alpha=1.0)
+        D = torch.addmm(G * w[-1], Ub * (S * (w - w[-1])).unsqueeze(0), V.mT)  # no host sync for w_r
     else:
         D = (Ub * (S * w).unsqueeze(0)) @ V.mT
     state["basis"] = V.detach().clone()
     state["step"] = step + 1
     return D
+
+
+def _check_method(method: str, alpha: float) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {BASES}, got {method!r}")
+    if method in ALPHA_ONE and alpha != 1.0:
+        raise ValueError(f"method={method!r} computes the polar factor and needs alpha=1, got alpha={alpha}")
+    if method == "cholesky" and alpha not in (0.0, 2.0):
+        raise ValueError(f"method='cholesky' is exact for alpha = 0 or 2 only, got alpha={alpha}")
+
+
+def direction_unchecked(
+    X: torch.Tensor,
+    alpha: float,
+    damping: float,
+    method: str,
+    *,
+    ns_steps: int = 5,
+    ns_coefficients: str = "quintic",
+    matmul_dtype: torch.dtype | None = None,
+):
+    """(D, ok) for a stateless method on a batch X (..., m, n) in its working dtype, without host syncs and
+    without retries: ``ok`` is a bool tensor (one per matrix) saying D is finite (and, for ``"cholesky"``, the
+    factorisation succeeded). An exception of a LAPACK/cuSOLVER call propagates. The optimizer reads the
+    ``ok`` flags of all its batches with one host sync per step and redoes only the failed matrices with
+    :func:`spectral_direction` (float64 retry)."""
+    if method == "svd":
+        U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+        m, n = X.shape[-2:]
+        T = S * inverse_transform(S, alpha, damping, rank_floor(m, n, S.dtype))
+        D = (U * T.unsqueeze(-2)) @ Vh
+    elif method == "gram":
+        D = _gram_direction(X, alpha, damping, None, decompose=torch.linalg.eigh)
+    elif method == "newton_schulz":
+        D = newton_schulz(X, steps=ns_steps, coefficients=ns_coefficients)
+    elif method == "polar_express":
+        D = polar_express(X, steps=ns_steps, matmul_dtype=matmul_dtype)
+    elif method == "cholesky":
+        return cholesky_direction(X, alpha, damping)
+    else:
+        raise ValueError(f"direction_unchecked takes a stateless method, got {method!r}")
+    return D, torch.isfinite(D).flatten(-2).all(-1)
 
 
 def spectral_direction(
@@ -174,18 +495,22 @@ def spectral_direction(
         G: gradient or momentum, shape (..., m, n).
         alpha: curvature exponent >= 0.
         damping: relative damping >= 0.
-        method: ``"svd"``, ``"gram"``, ``"newton_schulz"`` (alpha must be 1) or ``"tracked"`` (2-D G; pass a
-            persistent ``state`` dict to keep the basis across calls, otherwise every call is a refresh).
+        method: ``"svd"``, ``"gram"``, ``"newton_schulz"`` / ``"polar_express"`` (alpha must be 1),
+            ``"cholesky"`` (alpha 0 or 2), ``"tracked"`` / ``"eigenbasis"`` (pass a persistent ``state`` dict
+            to keep the basis across calls, otherwise every call starts afresh) or ``"auto"``
+            (:func:`auto_method` for G's device).
         state, rank, refresh_every: tracked-basis options (see :func:`tracked_direction`).
-        ns_steps, ns_coefficients: Newton-Schulz options (see :func:`newton_schulz`).
+        ns_steps, ns_coefficients: Newton-Schulz / Polar Express steps (see :func:`newton_schulz`,
+            :func:`polar_express`).
         counter: optional dict; ``retries`` and ``refreshes`` are incremented in it.
         check_finite: raise ValueError on a non-finite G (callers that already checked pass False).
     """
     G = _as_matrix(G)
     alpha = check_alpha(alpha)
     damping = check_damping(damping)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        method = auto_method(alpha, damping, G.device)
+    _check_method(method, alpha)
     if check_finite and not torch.isfinite(G).all():
         raise ValueError(
             "spectral_direction got a non-finite G; the optimizer skips such steps before calling it"
@@ -197,27 +522,34 @@ def spectral_direction(
     elif method == "gram":
         D = _gram_direction(X, alpha, damping, counter)
     elif method == "newton_schulz":
-        if alpha != 1.0:
-            raise ValueError(
-                f"method='newton_schulz' computes the polar factor and needs alpha=1, got alpha={alpha}"
-            )
         D = newton_schulz(X, steps=ns_steps, coefficients=ns_coefficients)
+    elif method == "polar_express":
+        D = polar_express(X, steps=ns_steps)
+    elif method == "cholesky":
+        D, ok = cholesky_direction(X, alpha, damping)
+        if not bool(ok.all()):  # a failed factorisation: once more in float64, as the decompositions do
+            if counter is not None:
+                counter["retries"] = counter.get("retries", 0) + 1
+            D, ok = cholesky_direction(X.double(), alpha, damping)
+            if not bool(ok.all()):
+                raise DecompositionError(
+                    f"Cholesky failed in {X.dtype} and float64 for shape {tuple(X.shape)}"
+                )
+            D = D.to(X.dtype)
     else:
         if rank is not None and int(rank) <= 0:
             raise ValueError(f"rank must be a positive integer or None, got {rank!r}")
+        fn = tracked_direction if method == "tracked" else eigenbasis_direction
         st = {} if state is None else state
         if X.ndim == 2:
-            D = tracked_direction(X, alpha, damping, st, rank, refresh_every, counter=counter)
-        else:  # batch: one tracked state per matrix, kept in a list under the caller's dict
+            D = fn(X, alpha, damping, st, rank, refresh_every, counter=counter)
+        else:  # batch: one state per matrix, kept in a list under the caller's dict
             flat = X.reshape(-1, *X.shape[-2:])
             subs = st.setdefault("batch", [{} for _ in range(flat.shape[0])])
             if len(subs) != flat.shape[0]:
-                raise ValueError("tracked state was built for a different batch size")
+                raise ValueError(f"{method} state was built for a different batch size")
             D = torch.stack(
-                [
-                    tracked_direction(x, alpha, damping, s, rank, refresh_every, counter=counter)
-                    for x, s in zip(flat, subs)
-                ]
+                [fn(x, alpha, damping, s, rank, refresh_every, counter=counter) for x, s in zip(flat, subs)]
             ).reshape(X.shape)
     if not torch.isfinite(D).all():  # finite input must give a finite direction: never pass NaN on silently
         raise DecompositionError(

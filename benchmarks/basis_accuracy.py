@@ -1,0 +1,212 @@
+"""Issue 16: every basis method against the float64 SVD reference (CPU), its FLOPs and its time on a device.
+
+Errors are measured on the normalised direction D / ||D||_F (``scale="rms"`` rescales every direction, so only
+its direction matters): ``full`` = || D/||D|| - R/||R|| ||_F with R the float64 SVD direction, and ``top`` = the
+same restricted to the directions that carry the update, the singular directions of G with the largest
+T(sigma) that hold 90% of ||R||_F^2 (``k`` of them). Matrices: GPT-2 shapes with a flat (Gaussian) spectrum and a
+1/k power-law spectrum (singular vectors random). ``eigenbasis`` keeps state, so it is measured along a
+drifting sequence (singular vectors rotating by ~0.05 rad per step, momentum-like noise), refresh_every=1.
+
+    python benchmarks/basis_accuracy.py                 # CPU, GPT-2 shapes (a few minutes on 2 cores)
+    python benchmarks/basis_accuracy.py --device cuda   # the GPU's results against the CPU float64 reference
+    python benchmarks/basis_accuracy.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from spectral_dist.spectral import spectral_direction  # noqa: E402
+from spectral_dist.spectral.direction import direction_unchecked  # noqa: E402
+
+# (name, alpha, method, kwargs for direction_unchecked)
+CASES = [
+    ("svd", 1.0, "svd", {}),
+    ("newton_schulz (Muon, 5)", 1.0, "newton_schulz", {}),
+    ("polar_express 5", 1.0, "polar_express", {}),
+    ("polar_express 5 bf16", 1.0, "polar_express", {"matmul_dtype": torch.bfloat16}),
+    ("polar_express 6", 1.0, "polar_express", {"ns_steps": 6}),
+    ("gram", 1.0, "gram", {}),
+    ("cholesky", 2.0, "cholesky", {}),
+    ("gram", 2.0, "gram", {}),
+    ("svd", 2.0, "svd", {}),
+    ("gram", 0.5, "gram", {}),
+    ("gram", 1.5, "gram", {}),
+    ("cholesky (closed form)", 0.0, "cholesky", {}),
+]
+
+
+def flops(method: str, m: int, n: int, steps: int = 5) -> float:
+    """Approximate flops for one m x n matrix (k = min, l = max side); counts for LAPACK routines from Golub &
+    Van Loan (thin R-SVD 6 l k^2 + 20 k^3; symmetric eigh with vectors ~9 k^3)."""
+    k, ln = min(m, n), max(m, n)
+    if method == "svd":
+        return 6 * ln * k**2 + 20 * k**3
+    if method == "gram":
+        return 4 * ln * k**2 + 11 * k**3  # Gram + G P (2 l k^2 each), eigh ~9 k^3, Q w Q^T 2 k^3
+    if method == "newton_schulz":
+        return steps * (4 * k**2 * ln + 2 * k**3)
+    if method == "polar_express":
+        if ln >= 2 * k:  # Gram form: (4 steps - 3) k x k matmuls, the Gram product and R X
+            return 4 * ln * k**2 + (8 * steps - 6) * k**3
+        return steps * (4 * k**2 * ln + 2 * k**3)
+    if method == "cholesky":
+        return 4 * ln * k**2 + k**3 / 3 + 64 * k**2  # Gram, Cholesky, 2 TRSMs, 32 power iterations
+    if method == "eigenbasis":
+        return 8 * m * n * k + 4 * n * k**2  # G Q, G^T B, G Q', (B w) Q^T; Householder QR of n x k
+    raise ValueError(method)
+
+
+def matrix(m, n, kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "gauss":
+        return torch.randn(m, n, generator=g, dtype=torch.float64)
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    return (U * torch.arange(1, k + 1, dtype=torch.float64) ** -1.0) @ V.T
+
+
+def errors(D: torch.Tensor, G: torch.Tensor, alpha: float, damping: float = 1e-4, energy: float = 0.9):
+    """(full, top, k): normalised errors of D against the float64 SVD direction of G (both on the CPU)."""
+    D = D.detach().to("cpu", torch.float64)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    T = S / (S**alpha + damping * S[0] ** alpha)
+    R = (U * T) @ Vh
+    Dn, Rn = D / D.norm(), R / R.norm()
+    order = torch.argsort(T, descending=True)
+    share = torch.cumsum(T[order] ** 2, 0) / (T**2).sum()
+    k = int((share < energy).sum()) + 1
+    idx = order[:k]
+
+    def proj(X):
+        return U[:, idx].T @ X @ Vh[idx].T
+
+    return (Dn - Rn).norm().item(), ((proj(Dn) - proj(Rn)).norm() / proj(Rn).norm()).item(), k
+
+
+def _time(fn, device, reps=3):
+    fn()
+    ts = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def eigenbasis_drift(m, n, alpha, device, steps=12, angle=0.05, seed=0):
+    """Median and max error of ``eigenbasis`` (refresh_every=1) along a drifting sequence."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    s = torch.arange(1, k + 1, dtype=torch.float64) ** -1.0
+    state, errs = {}, []
+    for _ in range(steps):
+        K = torch.randn(k, k, generator=g, dtype=torch.float64)
+        R = torch.linalg.matrix_exp(angle * (K - K.T) / (2 * math.sqrt(k)))
+        V = V @ R
+        G = (U * s) @ V.T + 1e-3 * torch.randn(m, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+        D = spectral_direction(
+            G.to(device, torch.float32), alpha, 1e-4, "eigenbasis", state=state, refresh_every=1
+        )
+        errs.append(errors(D, G, alpha)[1])
+    return statistics.median(errs[1:]), max(errs[1:])
+
+
+def run(
+    device: torch.device, shapes, kinds=("gauss", "power"), batch: int = 4, drift_shape=(512, 256)
+) -> dict:
+    rows = []
+    for m, n in shapes:
+        for kind in kinds:
+            G = matrix(m, n, kind)
+            Gd = G.to(device, torch.float32)
+            for name, alpha, method, kw in CASES:
+                D, ok = direction_unchecked(Gd.unsqueeze(0), alpha, 1e-4, method, **kw)
+                full, top, k = errors(D[0], G, alpha)
+                Xb = Gd.expand(batch, m, n).contiguous()
+                sec = _time(
+                    lambda Xb=Xb, a=alpha, me=method, kw=kw: direction_unchecked(Xb, a, 1e-4, me, **kw),
+                    device,
+                )
+                rows.append(
+                    dict(
+                        shape=f"{m}x{n}",
+                        spectrum=kind,
+                        alpha=alpha,
+                        method=name,
+                        full=full,
+                        top=top,
+                        k=k,
+                        ok=bool(ok.all()),
+                        ms_per_matrix=1000 * sec / batch,
+                        gflop=flops(method, m, n, kw.get("ns_steps", 5)) / 1e9,
+                    )
+                )
+    drift = {a: eigenbasis_drift(*drift_shape, a, device) for a in (0.5, 1.0, 1.5)}
+    return {
+        "rows": rows,
+        "eigenbasis_drift": {str(a): v for a, v in drift.items()},
+        "drift_shape": drift_shape,
+    }
+
+
+def format_md(res: dict, device_name: str) -> str:
+    lines = [
+        f"Bases against the float64 SVD reference (CPU), computed on {device_name} in float32. Errors of the "
+        "normalised direction: full, and on the directions carrying 90% of the update (k). GFLOP per matrix "
+        "(approximate), ms per matrix (median of 3, batch of 4).",
+        "",
+        "| shape | spectrum | alpha | method | full error | top error (k) | GFLOP | ms / matrix |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['shape']} | {r['spectrum']} | {r['alpha']:g} | {r['method']} | {r['full']:.1e} | "
+            f"{r['top']:.1e} ({r['k']}) | {r['gflop']:.1f} | {r['ms_per_matrix']:.1f} |"
+        )
+    m, n = res["drift_shape"]
+    lines += [
+        "",
+        f"`eigenbasis` (refresh_every=1) along a drifting {m}x{n} sequence (1/k spectrum, ~0.05 rad per "
+        "step, noise), top error median / max over 11 steps: "
+        + ", ".join(f"alpha {a}: {v[0]:.1e} / {v[1]:.1e}" for a, v in res["eigenbasis_drift"].items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    shapes = [(96, 64)] if a.quick else [(768, 768), (3072, 768), (768, 2304)]
+    res = run(device, shapes, drift_shape=(96, 48) if a.quick else (512, 256))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    text = format_md(res, name)
+    print(text)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()

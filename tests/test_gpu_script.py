@@ -1,0 +1,45 @@
+"""benchmarks/gpu/run.sh's CPU dry run: the script the GPU session will run, on tiny shapes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "benchmarks" / "gpu" / "run.sh"),
+            "--device",
+            "cpu",
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (js,) = tmp_path.glob("*.json")
+    (md,) = tmp_path.glob("*.md")
+    res = json.loads(js.read_text())
+    assert res["device"] == "cpu" and res["quick"]
+    assert all(v.startswith("ok") for v in res["stage_status"].values()), res["stage_status"]
+    assert {"gpt2", "vit"} <= set(res["step_cost"])
+    assert {"adamw", "muon", "sn_alpha1"} <= set(res["step_cost"]["gpt2"]["optimizer_step"])
+    methods = {row["method"] for row in res["accuracy"]["rows"]}
+    assert {"polar_express 5", "cholesky", "gram", "newton_schulz (Muon, 5)"} <= methods
+    assert all(row["ok"] for row in res["accuracy"]["rows"])
+    assert set(res["training"]) == {"adamw", "muon", "sn"}
+    assert "GPU checks (issue 16)" in md.read_text()
