@@ -239,6 +239,13 @@ def test_sequential_mlp_and_plain_mlp_warning():
     t = _how(m)
     assert t["0.weight"] == ("mlp_up", "structure") and t["3.weight"] == ("mlp_down", "structure")
     assert t["4.weight"] == ("head", "structure")
+    # the order rule: widen into an activation, narrow to another width (not a sibling pair)
+    t = _how(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 12), nn.Linear(12, 3)))
+    assert t["0.weight"] == ("mlp_up", "structure") and t["2.weight"] == ("mlp_down", "structure")
+    t = _how(
+        nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.Linear(32, 12), nn.Linear(12, 3))
+    )  # no act.
+    assert t["0.weight"] == ("matrix", "fallback") and t["2.weight"] == ("matrix", "fallback")
     # a plain MLP has no widen-then-narrow-back pair: every hidden matrix is generic, and from_model says so
     plain = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
     assert _how(plain)["0.weight"] == ("matrix", "fallback") and _how(plain)["2.weight"] == (
@@ -253,6 +260,11 @@ def test_sequential_mlp_and_plain_mlp_warning():
         warnings.simplefilter("error")
         SpectralNewton.from_model(plain, alpha=1.0)  # a single number: the types do not matter, no warning
         SpectralNewton.from_model(tiny_cnn())  # convolutions were recognised
+        mixed = nn.Sequential(
+            nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 16), nn.Tanh(), nn.Linear(16, 3)
+        )
+        assert _how(mixed)["2.weight"] == ("matrix", "fallback")
+        SpectralNewton.from_model(mixed)  # some hidden matrix (the conv) was recognised: no warning
 
 
 def test_custom_conv_parameter_and_multihead_attention():
