@@ -1,4 +1,5 @@
-"""from_model: every trainable parameter classified exactly once, with the paper's by-layer exponents."""
+"""from_model: every trainable parameter classified exactly once (by module type, name, structure or a traced
+forward), with the measured by-layer exponents."""
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from spectral_dist.models import (
     token_batch,
 )
 from spectral_dist.optim import classification_table
+from spectral_dist.optim.classify import DEFAULT_ALPHA, PAPER_ALPHA
 
 
 def _types(model):
@@ -41,7 +43,9 @@ def test_gpt2_classification():
     opt = SpectralNewton.from_model(m, lr=1e-3)
     _check_exactly_once(m, opt)
     alphas = {g["layer_type"]: g["alpha"] for g in opt.param_groups if g["spectral"]}
-    assert alphas == {"attention": 1.0, "mlp_up": 0.5, "mlp_down": 1.0}
+    assert alphas == {"attention": 1.65, "mlp_up": 2.0, "mlp_down": 1.0}  # issue 22's measured defaults
+    paper = SpectralNewton.from_model(m, alpha=PAPER_ALPHA)
+    assert {g["layer_type"]: g["alpha"] for g in paper.param_groups if g["spectral"]}["mlp_up"] == 0.5
 
 
 def test_vit_classification_and_training():
@@ -94,7 +98,7 @@ def test_alpha_options_and_errors():
     assert {g["alpha"] for g in opt.param_groups if g["spectral"]} == {0.7}
     opt = SpectralNewton.from_model(m, alpha="auto")
     g = next(g for g in opt.param_groups if g["layer_type"] == "mlp_up")
-    assert opt.resolve_alpha(g["params"][0], g) == 0.5  # the by-layer default until a probe runs
+    assert opt.resolve_alpha(g["params"][0], g) == 2.0  # the by-layer default until a probe runs
     with pytest.raises(ValueError, match="unknown layer types"):
         SpectralNewton.from_model(m, alpha={"convolution": 2.0})
     with pytest.raises(ValueError, match="alpha"):
@@ -300,3 +304,21 @@ def test_table_says_how(capsys):
     assert "| recognised by |" in out
     assert "structure: widens 16->64; sibling blocks.0.down narrows back" in out
     assert "name: q/k/v/out projection name" in out
+
+
+def test_default_alphas_are_the_measured_ones():
+    """Issue 22 chose these from the independent harness (docs/benchmarks.md section 4); changing them needs
+    new evidence there."""
+    assert DEFAULT_ALPHA == {"conv": 2.0, "attention": 1.65, "mlp_up": 2.0, "mlp_down": 1.0, "matrix": 1.0}
+    assert PAPER_ALPHA == {"conv": 2.0, "attention": 1.0, "mlp_up": 0.5, "mlp_down": 1.0, "matrix": 1.0}
+    opt = SpectralNewton.from_model(_HandGPT())
+    got = {g["layer_type"]: g["alpha"] for g in opt.param_groups if g["spectral"]}
+    assert got == {"attention": 1.65, "mlp_up": 2.0, "mlp_down": 1.0}
+    d = opt.defaults
+    assert (d["damping"], d["momentum"], d["nesterov"], d["scale"], d["rms_target"]) == (
+        1e-4,
+        0.95,
+        True,
+        "rms",
+        0.2,
+    )
