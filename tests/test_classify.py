@@ -1,4 +1,5 @@
-"""from_model: every trainable parameter classified exactly once, with the paper's by-layer exponents."""
+"""from_model: every trainable parameter classified exactly once (by module type, name, structure or a traced
+forward), with the measured by-layer exponents."""
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from spectral_dist.models import (
     token_batch,
 )
 from spectral_dist.optim import classification_table
+from spectral_dist.optim.classify import DEFAULT_ALPHA, PAPER_ALPHA
 
 
 def _types(model):
@@ -41,7 +43,9 @@ def test_gpt2_classification():
     opt = SpectralNewton.from_model(m, lr=1e-3)
     _check_exactly_once(m, opt)
     alphas = {g["layer_type"]: g["alpha"] for g in opt.param_groups if g["spectral"]}
-    assert alphas == {"attention": 1.0, "mlp_up": 0.5, "mlp_down": 1.0}
+    assert alphas == {"attention": 1.65, "mlp_up": 2.0, "mlp_down": 1.0}  # issue 22's measured defaults
+    paper = SpectralNewton.from_model(m, alpha=PAPER_ALPHA)
+    assert {g["layer_type"]: g["alpha"] for g in paper.param_groups if g["spectral"]}["mlp_up"] == 0.5
 
 
 def test_vit_classification_and_training():
@@ -94,7 +98,7 @@ def test_alpha_options_and_errors():
     assert {g["alpha"] for g in opt.param_groups if g["spectral"]} == {0.7}
     opt = SpectralNewton.from_model(m, alpha="auto")
     g = next(g for g in opt.param_groups if g["layer_type"] == "mlp_up")
-    assert opt.resolve_alpha(g["params"][0], g) == 0.5  # the by-layer default until a probe runs
+    assert opt.resolve_alpha(g["params"][0], g) == 2.0  # the by-layer default until a probe runs
     with pytest.raises(ValueError, match="unknown layer types"):
         SpectralNewton.from_model(m, alpha={"convolution": 2.0})
     with pytest.raises(ValueError, match="alpha"):
@@ -120,3 +124,201 @@ def test_gpt_trains_and_table():
         last = loss.item()
     assert last < first - 0.3
     assert torch.isfinite(torch.stack([p.detach().sum() for p in m.parameters()])).all()
+
+
+# ------------------------------------------------------------------ structure and traced-graph classification
+
+
+class _Block(nn.Module):
+    """The hand-written GPT block of issue 22: fused ``qkv``, ``proj``, ``up``, ``down``; GELU called
+    functionally, so no module name or activation module says which Linear is which."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.up = nn.Linear(d, 4 * d)
+        self.down = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.down(torch.nn.functional.gelu(self.up(self.ln2(x))))
+
+
+class _HandGPT(nn.Module):
+    def __init__(self, d=16, layers=2, block=_Block):
+        super().__init__()
+        self.tok = nn.Embedding(256, d)
+        self.blocks = nn.ModuleList([block(d) for _ in range(layers)])
+        self.out = nn.Linear(d, 256, bias=False)
+
+    def forward(self, idx):
+        x = self.tok(idx)
+        for b in self.blocks:
+            x = b(x)
+        return self.out(x)
+
+
+class _Anonymous(nn.Module):
+    """Uninformative names: separate q/k/v (a, b, c), output (o), eager softmax attention, a SwiGLU MLP
+    (g, u gated by silu, w reading it back)."""
+
+    def __init__(self, d=16, h=40):
+        super().__init__()
+        self.a, self.b, self.c, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.g, self.u = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False)
+        self.w = nn.Linear(h, d, bias=False)
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        y = self.n1(x)
+        att = torch.softmax(self.a(y) @ self.b(y).transpose(-1, -2) / 4.0, dim=-1)
+        x = x + self.o(att @ self.c(y))
+        y = self.n2(x)
+        return x + self.w(torch.nn.functional.silu(self.g(y)) * self.u(y))
+
+
+class _AnonNet(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.blk = _Anonymous(d)
+        self.fc = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.fc(self.blk(x))
+
+
+def _how(model, **kw):
+    return {i.name: (i.layer_type, i.how) for i in classify_parameters(model, **kw)}
+
+
+def test_hand_written_gpt_block_by_structure(recwarn):
+    m = _HandGPT()
+    t = _how(m)
+    for i in range(2):
+        assert t[f"blocks.{i}.qkv.weight"] == ("attention", "name")
+        assert t[f"blocks.{i}.proj.weight"] == ("attention", "structure")  # square, beside the fused qkv
+        assert t[f"blocks.{i}.up.weight"] == ("mlp_up", "structure")  # d -> 4d, a sibling reads 4d -> d
+        assert t[f"blocks.{i}.down.weight"] == ("mlp_down", "structure")
+    assert t["out.weight"] == ("head", "structure") and t["tok.weight"] == ("embedding", "module")
+    opt = SpectralNewton.from_model(m)
+    types = {g["layer_type"] for g in opt.param_groups if g["spectral"]}
+    assert types == {"attention", "mlp_up", "mlp_down"}
+    assert not [w for w in recwarn if "hidden matrices" in str(w.message)]
+
+
+def test_hand_written_gpt_block_by_graph():
+    m = _HandGPT()
+    t = _how(m, example_input=torch.randint(0, 256, (2, 8)))
+    for i in range(2):
+        assert t[f"blocks.{i}.proj.weight"] == ("attention", "graph")
+        assert t[f"blocks.{i}.up.weight"] == ("mlp_up", "graph")
+        assert t[f"blocks.{i}.down.weight"] == ("mlp_down", "graph")
+    assert all(p.grad is None for p in m.parameters())  # the trace computes no gradients
+    assert m.training  # flags restored
+
+
+def test_anonymous_attention_and_swiglu_by_graph():
+    m = _AnonNet()
+    static = {k.removeprefix("blk."): v for k, v in _how(m).items()}
+    # without a forward, the SwiGLU shapes are enough (d->h twice, h->d); separate square q/k/v are not
+    assert static["g.weight"] == ("mlp_up", "structure") and static["u.weight"] == ("mlp_up", "structure")
+    assert static["w.weight"] == ("mlp_down", "structure")
+    assert static["a.weight"] == ("matrix", "fallback")
+    traced = {k.removeprefix("blk."): v for k, v in _how(m, example_input=torch.randn(2, 5, 16)).items()}
+    for n in "abco":
+        assert traced[f"{n}.weight"] == ("attention", "graph"), n
+    assert traced["g.weight"] == ("mlp_up", "graph") and traced["u.weight"] == ("mlp_up", "graph")
+    assert traced["w.weight"] == ("mlp_down", "graph")
+
+
+def test_sequential_mlp_and_plain_mlp_warning():
+    m = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Dropout(0.1), nn.Linear(32, 8), nn.Linear(8, 3))
+    t = _how(m)
+    assert t["0.weight"] == ("mlp_up", "structure") and t["3.weight"] == ("mlp_down", "structure")
+    assert t["4.weight"] == ("head", "structure")
+    # the order rule: widen into an activation, narrow to another width (not a sibling pair)
+    t = _how(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 12), nn.Linear(12, 3)))
+    assert t["0.weight"] == ("mlp_up", "structure") and t["2.weight"] == ("mlp_down", "structure")
+    t = _how(
+        nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.Linear(32, 12), nn.Linear(12, 3))
+    )  # no act.
+    assert t["0.weight"] == ("matrix", "fallback") and t["2.weight"] == ("matrix", "fallback")
+    # a plain MLP has no widen-then-narrow-back pair: every hidden matrix is generic, and from_model says so
+    plain = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+    assert _how(plain)["0.weight"] == ("matrix", "fallback") and _how(plain)["2.weight"] == (
+        "matrix",
+        "fallback",
+    )
+    with pytest.warns(UserWarning, match="none of the model's 2 hidden matrices"):
+        SpectralNewton.from_model(plain)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SpectralNewton.from_model(plain, alpha=1.0)  # a single number: the types do not matter, no warning
+        SpectralNewton.from_model(tiny_cnn())  # convolutions were recognised
+        mixed = nn.Sequential(
+            nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 16), nn.Tanh(), nn.Linear(16, 3)
+        )
+        assert _how(mixed)["2.weight"] == ("matrix", "fallback")
+        SpectralNewton.from_model(mixed)  # some hidden matrix (the conv) was recognised: no warning
+
+
+def test_custom_conv_parameter_and_multihead_attention():
+    class RawConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.kernel = nn.Parameter(torch.randn(4, 1, 3, 3))
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(4 * 8 * 8, 3)
+
+        def forward(self, x):
+            return self.fc(torch.nn.functional.conv2d(x, self.kernel, padding=1).flatten(1))
+
+    t = _how(RawConv())
+    assert t["kernel"] == ("conv", "structure")
+    assert t["mha.in_proj_weight"] == ("attention", "module")
+    assert t["mha.out_proj.weight"] == ("attention", "name")
+
+
+def test_hf_models_unchanged_by_example_input():
+    gpt = tiny_gpt()
+    assert _how(gpt, example_input=token_batch(2, 8)) == _how(gpt)
+    assert _how(gpt)["transformer.h.0.mlp.c_fc.weight"] == ("mlp_up", "name")
+    vit = tiny_vit()
+    x, _ = image_batch(2)
+    assert _how(vit, example_input=x) == _how(vit)
+    assert not [i for i in classify_parameters(vit) if i.spectral and i.how == "fallback"]
+
+
+def test_table_says_how(capsys):
+    SpectralNewton.from_model(_HandGPT(), verbose=True)
+    out = capsys.readouterr().out
+    assert "| recognised by |" in out
+    assert "structure: widens 16->64; sibling blocks.0.down narrows back" in out
+    assert "name: q/k/v/out projection name" in out
+
+
+def test_default_alphas_are_the_measured_ones():
+    """Issue 22 chose these from the independent harness (docs/benchmarks.md section 4); changing them needs
+    new evidence there."""
+    assert DEFAULT_ALPHA == {"conv": 2.0, "attention": 1.65, "mlp_up": 2.0, "mlp_down": 1.0, "matrix": 1.0}
+    assert PAPER_ALPHA == {"conv": 2.0, "attention": 1.0, "mlp_up": 0.5, "mlp_down": 1.0, "matrix": 1.0}
+    opt = SpectralNewton.from_model(_HandGPT())
+    got = {g["layer_type"]: g["alpha"] for g in opt.param_groups if g["spectral"]}
+    assert got == {"attention": 1.65, "mlp_up": 2.0, "mlp_down": 1.0}
+    d = opt.defaults
+    assert (d["damping"], d["momentum"], d["nesterov"], d["scale"], d["rms_target"]) == (
+        1e-4,
+        0.95,
+        True,
+        "rms",
+        0.2,
+    )

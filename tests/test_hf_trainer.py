@@ -140,7 +140,7 @@ def test_options_and_schedule_from_training_arguments(tmp_path):
     model = make_model()
     opt, sched = spectral_newton_optimizers(model, args, adamw_lr=3e-3, momentum=0.9)
     by_type = {g["layer_type"]: g for g in opt.param_groups}
-    assert by_type["attention"]["alpha"] == 1.0 and by_type["mlp_up"]["alpha"] == 0.5
+    assert by_type["attention"]["alpha"] == 1.65 and by_type["mlp_up"]["alpha"] == 2.0  # by-layer defaults
     assert by_type["attention"]["momentum"] == 0.9 and by_type["attention"]["weight_decay"] == 0.1
     assert by_type["embedding"]["adamw_betas"] == (0.8, 0.9) and by_type["embedding"]["adamw_eps"] == 1e-6
     assert by_type["embedding"]["adamw_weight_decay"] == 0.1 and by_type["norm"]["adamw_weight_decay"] == 0.0

@@ -17,6 +17,7 @@ DeepSpeed save and restore it.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -26,7 +27,13 @@ from ..spectral import BASES, STATEFUL, DecompositionError
 from ..spectral.decompose import compute_dtype
 from ..spectral.transform import check_alpha, check_damping
 from . import matrix_step as ms
-from .classify import DEFAULT_ALPHA, classification_table, classify_parameters, resolve_alpha_map
+from .classify import (
+    DEFAULT_ALPHA,
+    classification_table,
+    classify_parameters,
+    fallback_warning,
+    resolve_alpha_map,
+)
 
 __all__ = ["SpectralNewton", "SCALES", "NonFiniteGradientError", "validate_group", "normalize_name"]
 
@@ -239,19 +246,30 @@ class SpectralNewton(torch.optim.Optimizer):
         alpha="by_layer",
         *,
         head_names: tuple[str, ...] = (),
+        example_input=None,
         verbose: bool = False,
         **options,
     ) -> SpectralNewton:
         """Build the optimizer with one param group per layer type (see :mod:`spectral_dist.optim.classify`).
 
-        ``alpha``: ``"by_layer"`` (conv 2.0, attention 1.0, MLP up 0.5, other matrices 1.0), a number,
-        ``"auto"``, or a mapping {layer_type: alpha} overriding the defaults. Embeddings, heads, norms and
-        biases get AdamW. ``verbose=True`` prints the classification table.
+        ``alpha``: ``"by_layer"`` (:data:`~spectral_dist.optim.classify.DEFAULT_ALPHA` per layer type: conv
+        2.0, attention 1.65, MLP up 2.0, MLP down and other matrices 1.0, as measured in issue 22), a number,
+        ``"auto"``, or a mapping {layer_type: alpha} overriding the defaults (``PAPER_ALPHA`` is the first
+        paper's conv 2, attention 1, MLP up 0.5). Embeddings, heads, norms
+        and biases get AdamW. Layer types come from module types, names and the model's layout; pass
+        ``example_input`` (a batch: tensor, tuple of arguments or dict of keyword arguments) to also classify
+        from one traced forward (no step is taken). ``verbose=True`` prints the table with how each parameter
+        was recognised. A warning is issued when no hidden matrix was recognised (all generic ``"matrix"``)
+        and ``alpha`` is not a single number.
         """
-        infos = classify_parameters(model, head_names=head_names)
+        infos = classify_parameters(model, head_names=head_names, example_input=example_input)
         amap = resolve_alpha_map(alpha)
         if verbose:
             print(classification_table(infos, amap))
+        if isinstance(alpha, (str, Mapping)):
+            msg = fallback_warning(infos)
+            if msg is not None:
+                warnings.warn(f"SpectralNewton.from_model: {msg}", UserWarning, stacklevel=2)
         by_type: dict[str, list] = {}
         for i in infos:
             by_type.setdefault(i.layer_type, []).append(i)
