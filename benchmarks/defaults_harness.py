@@ -50,6 +50,7 @@ Confidence intervals are 95% t-intervals over seeds (mean +- t_{0.975, n-1} sd /
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import statistics
@@ -524,8 +525,9 @@ def load_runs(paths) -> list[dict]:
     runs = []
     for p in paths:
         p = Path(p)
-        if p.exists():
-            runs += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        if p.exists():  # .jsonl, or .jsonl.gz (the stored campaigns in benchmarks/results/defaults/)
+            text = gzip.decompress(p.read_bytes()).decode() if p.suffix == ".gz" else p.read_text()
+            runs += [json.loads(line) for line in text.splitlines() if line.strip()]
     return runs
 
 
