@@ -260,9 +260,11 @@ EQ_SCENARIOS = [
     ("ddp", {"basis": "tracked", "rank": 2, "refresh_every": 3}),
     ("fsdp2", {}),
     ("fsdp2", {"basis": "tracked", "rank": 2, "refresh_every": 3}),
-    ("fsdp2", {"from_model": True}),  # by-layer alpha: conv 2, fc1 (mlp_up) 0.5, fc2 (mlp_down) 1
-    # the default basis by layer: cholesky (conv), eigenbasis (fc1: a basis kept on every rank), polar express
+    ("fsdp2", {"from_model": True}),  # by-layer alpha: conv 2, fc1 (mlp_up) 2, fc2 (mlp_down) 1
+    # the default basis by layer: cholesky (conv, fc1), polar express (fc2)
     ("fsdp2", {"from_model": True, "basis": "auto"}),
+    # the eigenbasis (a basis kept on every rank) at an alpha where it is well conditioned
+    ("fsdp2", {"alpha": 0.5, "basis": "eigenbasis"}),
 ]
 CKPT_OPTS = {"basis": "tracked", "rank": 2, "refresh_every": 3}
 CKPT_AT = 5

@@ -190,6 +190,8 @@ def main(
 
     out = Path(out_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if spectral_options is None and os.environ.get("HF_TEST_BASIS"):  # engine-equality tests: an exact basis
+        spectral_options = {"basis": os.environ["HF_TEST_BASIS"]}
     extra = {}
     trainer_cls = SpectralNewtonTrainer
     fsdp = dict(fsdp=True, fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]})

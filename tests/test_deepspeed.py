@@ -43,7 +43,7 @@ CLIP = 1.0  # DeepSpeed's default gradient_clipping; the reference clips the sam
 
 
 class Net(nn.Module):
-    """conv (alpha 2), mlp_up (0.5), mlp_down (1), a norm, a head; odd sizes so partitions cut matrices."""
+    """conv (alpha 2), mlp_up (2), mlp_down (1), a norm, a head; odd sizes so partitions cut matrices."""
 
     def __init__(self):
         super().__init__()
@@ -356,9 +356,11 @@ def test_bf16_runs_with_fp32_matrix_step(results, ref, name, stage, extra, wrapp
     for pname, want in ref[-1].items():  # bf16 weights and activations: close to the fp32 run, not equal
         moved = (want - r["first"][pname].float()).norm()  # how far the fp32 run moved this parameter
         err = (r["final"][pname] - want).norm()
-        # fc2 (alpha = 1) takes the polar factor of a rank-deficient momentum: bf16 round-off in its near-null
-        # directions is amplified to unit size, so it ends further from the fp32 run; the rest stay within 10%
-        bound = 0.5 if pname == "fc2.weight" else 0.15
+        # fc2 (alpha = 1) takes the polar factor of a rank-deficient momentum (rank <= global batch 8): bf16
+        # round-off in its near-null directions is amplified to unit size; fc1 (MLP-up, alpha = 2, same rank)
+        # weights directions near sqrt(damping) sigma_1 most, where bf16 round-off sits. Both end further from
+        # the fp32 run (measured 0.41 of the movement for fc1); the rest stay within 10%
+        bound = 0.5 if pname in ("fc1.weight", "fc2.weight") else 0.15
         assert moved > 0 and err < bound * moved, (name, pname, float(err / moved))
 
 

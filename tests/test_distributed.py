@@ -83,7 +83,10 @@ def test_equal_to_single_process(phases, world):
     tracked basis, AdamW part included); every rank holds each parameter's state in the parameter's layout."""
     rank0 = phases[world][0]["equality"]
     for (mode, opts), (err, where, _, _) in zip(EQ_SCENARIOS, rank0):
-        assert err < TOL, f"{mode} {opts} world={world}: {where} off by {err:.2e}"
+        # basis="auto" runs cholesky for alpha 2 in float32: the Cholesky of G^T G + lambda I (condition up to
+        # 1/damping = 1e4) amplifies the reduction-order round-off of the gradient (measured 1.02e-5 on fc1)
+        tol = 5e-5 if opts.get("basis") == "auto" else TOL
+        assert err < tol, f"{mode} {opts} world={world}: {where} off by {err:.2e}"
     for r, res in enumerate(phases[world]):
         for (mode, opts), (_, _, _, owner_ok) in zip(EQ_SCENARIOS, res["equality"]):
             assert owner_ok, f"{mode} {opts}: rank {r}'s state does not have the parameters' own layout"

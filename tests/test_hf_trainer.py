@@ -231,11 +231,13 @@ def test_trainer_single_process(offline_wandb):
         assert torch.allclose(got.reshape(want.shape), want, rtol=1e-3, atol=1e-6), name
         adam = 1e-2 * torch.sign(cap.grad[name])  # AdamW's first step (|g| >> eps)
         assert not torch.allclose(got.float(), adam, atol=1e-4)
-    # polar factor for attention (alpha = 1): the update's nonzero singular values are nearly all equal
-    # (the LayerNorm before c_attn centres its input, so the gradient has one null direction)
+    # the by-layer default for attention (1.65, the probes' measurement; docs/benchmarks.md) shapes the update's
+    # spectrum as sigma^(1 - alpha): far from a polar factor's flat one (the LayerNorm before c_attn centres its
+    # input, so the gradient has one null direction, dropped here)
+    assert groups["attention"]["alpha"] == 1.65
     sv = torch.linalg.svdvals(cap.before[ATTN] - cap.after[ATTN])
     sv = sv[sv > 1e-4 * sv.max()]
-    assert len(sv) >= 30 and sv.min() / sv.max() > 0.8
+    assert len(sv) >= 30 and sv.min() / sv.max() < 0.2
     # diagnostics reach the Trainer's log history and the W&B offline run file, with the recipes' keys
     _check_diagnostics(_wandb_history(tmp), trainer.state.log_history)
     assert diag.monitor.num_sketches == STEPS
@@ -325,6 +327,12 @@ def _config_options(cfg: Path) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in params.items() if k != "alpha"}
 
 
+# Engine equality at float round-off needs an exact basis: the default for attention (alpha 1.65) is the tracked
+# ``eigenbasis``, an approximation (1-3% per step) whose error depends on round-off-level differences in its
+# first SVD, so 2 processes and 1 differ at that level (measured: 6.5e-3 relative on attn.c_proj after 5 steps,
+# moving 0.61; docs/distributed.md). These tests pin the exact float64-eigh ``gram`` basis.
+EXACT_BASIS = {"HF_TEST_BASIS": "gram"}
+
 def _one_process(out: Path, spectral_options: dict | None = None) -> dict:
     """The plain 1-process SpectralNewtonTrainer run (the whole batch of BATCH examples per step)."""
     from hf_trainer_script import main
@@ -379,8 +387,9 @@ def _check_probe_on_main(tmp: Path, res: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_trainer_accelerate_launch_two_processes(offline_wandb):
+def test_trainer_accelerate_launch_two_processes(offline_wandb, monkeypatch):
     tmp = offline_wandb
+    monkeypatch.setenv("HF_TEST_BASIS", EXACT_BASIS["HF_TEST_BASIS"])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=_pythonpath(), ACCELERATE_USE_CPU="true")
     cmd = [
         str(Path(sys.executable).with_name("accelerate")),
@@ -535,11 +544,12 @@ def test_trainer_deepspeed_two_processes_match_one_process(offline_wandb, stage)
 
 
 @pytest.mark.slow
-def test_trainer_fsdp2_two_processes_match_one_process(offline_wandb):
+def test_trainer_fsdp2_two_processes_match_one_process(offline_wandb, monkeypatch):
     """FSDP2 under the Trainer, 2 CPU processes (gloo). accelerate never enables FSDP on CPU
     (docs/hf_trainer.md), so the script's CpuFsdp2Trainer does what accelerate does on GPUs; the rest is the
     Trainer's FSDP2 path: SpectralNewton created before accelerate's ``fully_shard``, its distributed engine
     on DTensor parameters, trajectory all-reduced, probe on a gathered copy. Equals one process."""
+    monkeypatch.setenv("HF_TEST_BASIS", EXACT_BASIS["HF_TEST_BASIS"])
     tmp = offline_wandb
     out = tmp / "fsdp2"
     out.mkdir()
