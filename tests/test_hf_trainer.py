@@ -333,6 +333,7 @@ def _config_options(cfg: Path) -> dict:
 # moving 0.61; docs/distributed.md). These tests pin the exact float64-eigh ``gram`` basis.
 EXACT_BASIS = {"HF_TEST_BASIS": "gram"}
 
+
 def _one_process(out: Path, spectral_options: dict | None = None) -> dict:
     """The plain 1-process SpectralNewtonTrainer run (the whole batch of BATCH examples per step)."""
     from hf_trainer_script import main
