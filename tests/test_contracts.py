@@ -265,3 +265,96 @@ def test_step_reads_replaced_group_dicts():
     _grads(W, seed=1)
     opt.step()
     assert torch.equal(W, before)
+
+
+def test_stats_start_at_zero_and_name_the_kind():
+    """stats() before any step: every counter 0, matrices 'spectral' and the rest 'adamw'; after steps the
+    counters are the optimizer's, without the internal consecutive-skip counter."""
+    W, b = nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(5))
+    opt = SpectralNewton([W, b], lr=0.01)
+    zero = dict(steps=0, skipped=0, retries=0, refreshes=0, decomposition_failures=0, fallbacks=0)
+    assert opt.stats() == {
+        "group0.param0": {"kind": "spectral", **zero},
+        "group0.param1": {"kind": "adamw", **zero},
+    }
+    _grads(W, b)
+    opt.step()
+    W.grad[0, 0] = float("nan")
+    opt.step()
+    s = opt.stats()
+    assert s["group0.param0"] == {"kind": "spectral", **zero, "steps": 1, "skipped": 1}
+    assert s["group0.param1"]["kind"] == "adamw" and not any(
+        k.startswith("consecutive") for k in s["group0.param0"]
+    )
+
+
+def test_load_state_dict_hooks_names_and_tracked_basis():
+    """The load path: pre-hooks may replace the state dict and post-hooks see the optimizer; the groups keep
+    their parameter names; a tracked basis is loaded as a validated copy (not an alias of the saved tensor)."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    opt = SpectralNewton.from_model(model, lr=0.02, basis="tracked", rank=2, alpha=1.0)
+    _grads(*model.parameters())
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    p0 = model[0].weight
+    basis = opt.state[p0]["tracked"]["basis"]
+    assert basis.shape == (6, 2)
+    opt2 = SpectralNewton.from_model(model, lr=0.02, basis="tracked", rank=2, alpha=1.0)
+    names = [list(g["param_names"]) for g in opt2.param_groups]
+    seen = []
+    marker = copy.deepcopy(sd)
+    marker["param_groups"][0]["lr"] = 0.005
+    pre = opt2.register_load_state_dict_pre_hook(
+        lambda o, s: seen.append(("pre", o is opt2, s is sd)) or marker
+    )
+    post = opt2.register_load_state_dict_post_hook(lambda o: seen.append(("post", o is opt2)))
+    opt2.load_state_dict(sd)
+    pre.remove()
+    post.remove()
+    assert seen == [("pre", True, True), ("post", True)]
+    assert opt2.param_groups[0]["lr"] == 0.005  # the dict the pre-hook returned was loaded
+    assert [list(g["param_names"]) for g in opt2.param_groups] == names
+    assert all("params" in g and g["params"] for g in opt2.param_groups)
+    loaded = opt2.state[p0]["tracked"]["basis"]
+    assert torch.equal(loaded, basis)
+    key = next(
+        k for k, v in marker["state"].items() if "tracked" in v and v["tracked"]["basis"].shape == (6, 2)
+    )
+    marker["state"][key]["tracked"]["basis"].fill_(7.0)  # the saved copy changes ...
+    assert torch.equal(opt2.state[p0]["tracked"]["basis"], basis)  # ... the loaded basis does not
+    bad = copy.deepcopy(sd)
+    bad["state"][key]["tracked"]["basis"] = torch.zeros(6, 3)
+    with pytest.raises(
+        ValueError, match=r"tracked basis of parameter .* has shape \(6, 3\), expected \(6, 2\)"
+    ):
+        opt2.load_state_dict(bad)
+    bad["state"][key]["tracked"] = [1, 2]
+    with pytest.raises(ValueError, match="tracked state of parameter .* must be a dict"):
+        opt2.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("basis", ["svd", "polar_express"])
+def test_shard_local_engine_on_one_process_equals_the_default(basis):
+    """On one process ShardLocalEngine's block is the whole matrix: its updates (applied one matrix at a time,
+    not batched) equal the default engine's bit for bit, weight decay included, and so do the counters."""
+    from spectral_dist.distributed import ShardLocalEngine
+
+    alpha = 1.0 if basis == "polar_express" else 0.5
+    runs = []
+    for engine in (None, ShardLocalEngine()):
+        torch.manual_seed(0)
+        W, V, b = (
+            nn.Parameter(torch.randn(6, 5)),
+            nn.Parameter(torch.randn(4, 6)),
+            nn.Parameter(torch.randn(5)),
+        )
+        opt = SpectralNewton([W, V, b], lr=0.05, weight_decay=0.1, basis=basis, alpha=alpha, engine=engine)
+        for seed in range(3):
+            _grads(W, V, b, seed=seed)
+            opt.step()
+        W.grad[1, 1] = float("inf")  # a skip: the parameter and its momentum stay
+        opt.step()
+        runs.append(([p.detach().clone() for p in (W, V, b)], opt.stats()))
+    (p0, s0), (p1, s1) = runs
+    assert all(torch.equal(a, c) for a, c in zip(p0, p1)) and s0 == s1
+    assert s1["group0.param0"]["skipped"] == 1 and s1["group0.param0"]["steps"] == 3
