@@ -367,3 +367,27 @@ def test_check_version_accepts_tested_minors_only(monkeypatch):
         dc.check_version("0.20.0")
     monkeypatch.setenv(dc.ALLOW_ENV, "1")
     assert dc.check_version("0.20.0") == "0.20.0"
+
+
+def test_layout_helpers_against_brute_force():
+    """holds_all, replicated, row blocks (1-D too), empty runs, and the per-rank load of a plan."""
+    from spectral_dist.distributed.layout import replicated_layout, row_block_layout
+
+    rep = replicated_layout("w", (3, 4), 2)
+    assert rep.replicated and rep.holds_all(0) and rep.holds_all(1)
+    rows = row_block_layout("w", (3, 4), [(0, 2), (2, 1)])
+    assert _flat_indices(rows.slices[0]) == list(range(8)) and _flat_indices(rows.slices[1]) == [8, 9, 10, 11]
+    assert not rows.holds_all(0) and not rows.holds_all(1) and not rows.replicated
+    whole = row_block_layout("w", (3, 4), [(0, 3), (3, 0)])
+    assert whole.holds_all(0) and not whole.holds_all(1)
+    strided = MatrixLayout("w", (3, 4), [[Piece(0, 4, 3, 4)], [Piece(0, 2, 3, 4), Piece(2, 2, 3, 4)]])
+    assert strided.holds_all(0) and not strided.holds_all(1)  # three contiguous rows; two column blocks
+    assert MatrixLayout("e", (0, 4), [[], []]).holds_all(1)  # an empty matrix: nothing to hold
+    vec = row_block_layout("b", (6,), [(0, 4), (4, 2)])
+    assert _flat_indices(vec.slices[1]) == [4, 5]
+    assert compress_runs([(0, 0), (3, 2), (7, 0), (9, 1)]) == [Piece(3, 2, 1, 2), Piece(9, 1, 1, 1)]
+    rng = random.Random(3)
+    lays = [_random_layout(rng, f"w{i}", 3) for i in range(7)]
+    plan = build_plan(lays, 3)
+    want = [sum(lay.cost for lay in lays if plan.owner(lay.key) == r) for r in range(3)]
+    assert plan.loads() == want and sum(want) == sum(lay.cost for lay in lays)

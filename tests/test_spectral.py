@@ -321,3 +321,61 @@ def test_eigenbasis_batched_equals_the_one_matrix_eigenbasis(rank):
                 P, Pw = Q[i] @ Q[i].mT, states[i]["basis"] @ states[i]["basis"].mT
                 assert torch.allclose(P, Pw, atol=1e-9), (every, step, i)
             assert Q.shape == (3, 6, 6 if rank is None else rank)
+
+
+def test_cholesky_method_retries_in_float64_then_raises(monkeypatch):
+    """method='cholesky' through spectral_direction: the exact closed forms; a failed float32 factorisation is
+    redone in float64 (counted as a retry), a second failure raises."""
+    from spectral_dist.spectral import direction as dr
+
+    G = _batch((2, 9, 6), seed=4, dtype=torch.float32)
+    for alpha, damping in ((0.0, 0.1), (2.0, 1e-3)):
+        want = torch.from_numpy(_np_reference(G.double().numpy(), alpha, damping)).float()
+        counter = {}
+        D = spectral_direction(G, alpha, damping, method="cholesky", counter=counter)
+        assert D.dtype == torch.float32 and counter == {}
+        assert torch.allclose(D, want, rtol=1e-4, atol=1e-5 * float(want.abs().max())), alpha
+    real = dr.cholesky_direction
+    calls = []
+
+    def flaky(X, alpha, damping):  # fails in float32, works in float64
+        calls.append(X.dtype)
+        D, ok = real(X, alpha, damping)
+        return D, ok & (X.dtype == torch.float64)
+
+    monkeypatch.setattr(dr, "cholesky_direction", flaky)
+    counter = {"retries": 2}
+    D = spectral_direction(G, 2.0, 1e-3, method="cholesky", counter=counter)
+    want = torch.from_numpy(_np_reference(G.double().numpy(), 2.0, 1e-3)).float()
+    assert calls == [torch.float32, torch.float64] and counter == {"retries": 3} and D.dtype == torch.float32
+    assert torch.allclose(D, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    monkeypatch.setattr(
+        dr, "cholesky_direction", lambda X, a, d: (torch.zeros_like(X), torch.zeros(2, dtype=torch.bool))
+    )
+    with pytest.raises(DecompositionError, match="Cholesky failed in torch.float32 and float64"):
+        spectral_direction(G, 2.0, 1e-3, method="cholesky")
+
+
+@pytest.mark.parametrize("method", ["tracked", "eigenbasis"])
+def test_stateful_methods_on_a_batch_keep_one_state_per_matrix(method):
+    """A batch (b, m, n) through spectral_direction: one state per matrix under state['batch'], each exactly the
+    state of that matrix run alone with the same rank / refresh_every / counter; rank 1 is valid, 0 is not."""
+    G = _batch((3, 5, 8), seed=9, dtype=torch.float64)
+    kw = dict(rank=6, refresh_every=3)  # rank above min(m, n) = 5: capped at 5
+    state, counter = {}, {}
+    alone = [({}, {}) for _ in range(3)]
+    for step in range(4):
+        Gs = G + 0.3 * step * _batch((3, 5, 8), seed=20 + step, dtype=torch.float64)
+        D = spectral_direction(Gs, 0.5, method=method, state=state, counter=counter, **kw)
+        for i, (st, c) in enumerate(alone):
+            want = spectral_direction(Gs[i], 0.5, method=method, state=st, counter=c, **kw)
+            assert torch.equal(D[i], want), (step, i)
+    assert len(state["batch"]) == 3 and all(s["step"] == 4 for s in state["batch"])
+    assert all(s["basis"].shape == (8, 5) for s in state["batch"])
+    assert counter["refreshes"] == sum(c["refreshes"] for _, c in alone) >= 3
+    with pytest.raises(ValueError, match="different batch size"):
+        spectral_direction(G[:2], 0.5, method=method, state=state)
+    D1 = spectral_direction(G[0], 0.5, method=method, state={}, rank=1)
+    assert torch.isfinite(D1).all()
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        spectral_direction(G[0], 0.5, method=method, state={}, rank=0)
