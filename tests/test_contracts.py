@@ -358,3 +358,52 @@ def test_shard_local_engine_on_one_process_equals_the_default(basis):
     (p0, s0), (p1, s1) = runs
     assert all(torch.equal(a, c) for a, c in zip(p0, p1)) and s0 == s1
     assert s1["group0.param0"]["skipped"] == 1 and s1["group0.param0"]["steps"] == 3
+
+
+def test_state_keys_and_first_moments_after_steps():
+    """The per-parameter state is what torch.optim users and checkpoints read: its keys, dtypes and the AdamW
+    moments after one step (exp_avg = (1 - b1) g, exp_avg_sq = (1 - b2) g^2), the step counters, the tracked
+    basis and the fp32 master copy of a bf16 matrix."""
+    torch.manual_seed(0)
+    W, b = nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(5))
+    Wb = nn.Parameter(torch.randn(4, 3).bfloat16())
+    opt = SpectralNewton([W, b, Wb], lr=0.01, basis="tracked", rank=2)
+    _grads(W, b, Wb)
+    g = b.grad.clone()
+    opt.step()
+    sW, sb, sWb = (opt.state[p] for p in (W, b, Wb))
+    assert (
+        set(sW) == {"counters", "momentum_buffer", "alpha_estimate", "tracked"}
+        and sW["alpha_estimate"] is None
+    )
+    assert sW["tracked"]["step"] == 1 and sW["tracked"]["basis"].shape == (4, 2)
+    assert sW["tracked"]["basis"].dtype == torch.float32
+    assert set(sb) == {"counters", "adam_step", "exp_avg", "exp_avg_sq"} and sb["adam_step"] == 1
+    b1, b2 = opt.param_groups[0]["adamw_betas"]
+    assert torch.allclose(sb["exp_avg"], (1 - b1) * g) and torch.allclose(sb["exp_avg_sq"], (1 - b2) * g * g)
+    assert set(sWb) == {"counters", "momentum_buffer", "alpha_estimate", "tracked", "master"}
+    assert sWb["master"].dtype == torch.float32 and sWb["momentum_buffer"].dtype == torch.float32
+    assert torch.equal(sWb["master"].bfloat16(), Wb.detach())
+    assert sWb["tracked"]["basis"].dtype == torch.float32
+    _grads(W, b, Wb, seed=1)
+    opt.step()
+    assert sW["tracked"]["step"] == 2 and sb["adam_step"] == 2 and sW["counters"]["steps"] == 2
+
+
+@pytest.mark.parametrize("kind", ["matrix", "vector"])
+def test_a_finite_step_resets_the_consecutive_skip_count(kind):
+    """max_consecutive_skips counts skips *in a row*: skip, step, skip does not raise; a second skip in a row
+    does."""
+    from spectral_dist.optim.spectral_newton import NonFiniteGradientError
+
+    p = nn.Parameter(torch.randn(6, 5) if kind == "matrix" else torch.randn(7))
+    opt = SpectralNewton([p], lr=0.01, max_consecutive_skips=2)
+    for bad in (True, False, True):
+        _grads(p)
+        if bad:
+            p.grad.view(-1)[0] = float("nan")
+        opt.step()
+    _grads(p)
+    p.grad.view(-1)[0] = float("nan")
+    with pytest.raises(NonFiniteGradientError, match="2 consecutive steps"):
+        opt.step()
