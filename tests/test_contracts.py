@@ -385,9 +385,18 @@ def test_state_keys_and_first_moments_after_steps():
     assert sWb["master"].dtype == torch.float32 and sWb["momentum_buffer"].dtype == torch.float32
     assert torch.equal(sWb["master"].bfloat16(), Wb.detach())
     assert sWb["tracked"]["basis"].dtype == torch.float32
+    Q = sW["tracked"]["basis"]  # the basis the step computed (not the zeros it started from): orthonormal
+    assert torch.allclose(Q.mT @ Q, torch.eye(2), atol=1e-5)
     _grads(W, b, Wb, seed=1)
     opt.step()
     assert sW["tracked"]["step"] == 2 and sb["adam_step"] == 2 and sW["counters"]["steps"] == 2
+    # refresh_every=1: a fresh SVD every step, and the counter adds them up
+    opt.param_groups[0]["refresh_every"] = 1
+    before = opt.stats()["group0.param0"]["refreshes"]
+    for seed in (2, 3):
+        _grads(W, b, Wb, seed=seed)
+        opt.step()
+    assert before >= 1 and opt.stats()["group0.param0"]["refreshes"] == before + 2
 
 
 @pytest.mark.parametrize("kind", ["matrix", "vector"])
