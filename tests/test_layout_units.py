@@ -39,6 +39,7 @@ def test_stage12_partition_map_matches_brute_force(seed):
             want = [(i - r * ps, i - off) for i in range(off, off + n) if r * ps <= i < (r + 1) * ps]
             mine = [(fo + k, po + k) for fo, po, ln in got[r] for k in range(ln)]
             assert mine == want, (seed, r, off, n)
+            assert got[r] == [] if not want else all(ln > 0 for _, _, ln in got[r])  # no empty pieces
         off += n
 
 
@@ -55,6 +56,7 @@ def test_stage3_partition_map_matches_brute_force(seed):
         elems = [i for i in range(n) if r * ps <= i < (r + 1) * ps]
         mine = [(fo + k, po + k) for fo, po, ln in got[r] for k in range(ln)]
         assert mine == [(q + k, e) for k, e in enumerate(elems)], (seed, r)
+        assert got[r] == [] if not elems else all(ln > 0 for _, _, ln in got[r])  # no empty pieces
         held += [po for _, po in mine]
     assert sorted(held) == list(range(n))
 
