@@ -36,7 +36,9 @@ def test_auto_alpha_changes_the_alpha_used():
     exact = CurvatureProbe(model, classification_loss, top_k=6, hvp="fd", layers=list(auto.targets)).measure(
         batch
     )
-    assert auto.maybe_update(0, batch) is not None
+    rep = auto.maybe_update(0, batch)  # a probe step: returns the probe's report, whose alphas it applied
+    assert rep is auto.last_report and set(auto.targets) <= set(rep.layers)
+    assert all(abs(rep.layers[n].alpha - exact.layers[n].alpha) < 1e-6 for n in auto.targets)
     after = _used_alphas(opt)
     for n, a in after.items():
         expect = min(2.5, max(0.0, exact.layers[n].alpha))

@@ -65,14 +65,44 @@ def test_analyze_picks_target_best_lr_and_ratio():
     assert "| sn | 0.01 | 10 | 0.25x |" in text
 
 
+def _val_loss(task, model) -> float:
+    """The validation loss (a continuous metric: a few steps rarely move the digit accuracy)."""
+    model.eval()
+    with torch.no_grad():
+        if task == "gpt_bytes":
+            v = se.models.lm_loss(model, se.task_data(task)[1]).item()
+        else:
+            (_, _), (xv, yv) = se.task_data(task)
+            out = model(xv)
+            v = torch.nn.functional.cross_entropy(out.logits if hasattr(out, "logits") else out, yv).item()
+    model.train()
+    return v
+
+
 @pytest.mark.parametrize("task", ["cnn_digits", "vit_digits", "gpt_bytes"])
-def test_every_optimizer_trains_each_task(task):
-    """Each optimizer of the task runs a few steps from the same init; the metric is finite and sane."""
+def test_every_optimizer_trains_each_task(task, monkeypatch):
+    """Each optimizer of the task trains the model from the same init: the validation loss moves away from
+    the untrained model's; on gpt_bytes 4 steps lower it, on cnn_digits 30 steps lift the accuracy well above
+    the untrained model's (the ViT needs more steps than a unit test affords to learn the digits)."""
+    torch.manual_seed(0)  # train_run builds its model after the same seed: this is its initial model
+    untrained = se.build_model(task)
+    loss0, metric0 = _val_loss(task, untrained), se.evaluate(task, untrained)
+    seen = []  # the validation loss at each of train_run's evaluations
+    evaluate = se.evaluate
+    monkeypatch.setattr(se, "evaluate", lambda t, m: seen.append(_val_loss(t, m)) or evaluate(t, m))
+    steps, lr = (30, 1e-2) if task == "cnn_digits" else (4, 3e-3)
     for opt in se.TASKS[task].optimizers:
-        r = se.train_run(task, opt, 3e-3, seed=0, steps=4, eval_every=2, batch_size=8)
-        assert [s for s, _ in r["curve"]] == [2, 4], opt
+        seen.clear()
+        r = se.train_run(task, opt, lr, seed=0, steps=steps, eval_every=steps // 2, batch_size=8)
+        assert [s for s, _ in r["curve"]] == [steps // 2, steps], opt
         v = r["curve"][-1][1]
-        assert (0.0 <= v <= 1.0) if task != "gpt_bytes" else (0.0 < v < 7.0), (opt, v)
+        assert len(seen) == 2 and abs(seen[-1] - loss0) > 1e-3, (opt, seen, loss0)  # the model was trained
+        if task == "gpt_bytes":  # the metric is the validation loss
+            assert v == pytest.approx(seen[-1]) and v < loss0 - 0.3, (opt, v, loss0)
+        else:
+            assert 0.0 <= v <= 1.0, (opt, v)
+        if task == "cnn_digits":
+            assert v > metric0 + 0.15, (opt, v, metric0)
 
 
 def test_optimizer_kinds():
@@ -103,8 +133,10 @@ def test_sample_efficiency_main_end_to_end(tmp_path):
 def test_step_overhead_tiny():
     size = so.SIZES["quick"]["gpt"]
     res = so.bench_model("gpt", size, ["adamw", "muon", "sn_svd", "sn_tracked"], repeats=1, refresh=1, rank=2)
-    assert res["adamw"]["ratio"] == 1.0
-    assert all(d["seconds"] > 0 and d["ratio"] > 0 for d in res.values())
+    base = res["adamw"]["seconds"]
+    for o, d in res.items():  # every ratio is to AdamW's step time, each optimizer timed on its own
+        assert d["seconds"] > 0 and d["ratio"] == pytest.approx(d["seconds"] / base), o
+    assert len({d["seconds"] for d in res.values()}) == len(res)
     # AdamW keeps two fp32 moments per element (plus one step counter per tensor)
     assert 2.0 <= res["adamw"]["state_per_param_byte"] < 2.1
     # SpectralNewton keeps one momentum per matrix element; AdamW moments for the rest (embeddings, norms)

@@ -265,3 +265,154 @@ def test_step_reads_replaced_group_dicts():
     _grads(W, seed=1)
     opt.step()
     assert torch.equal(W, before)
+
+
+def test_stats_start_at_zero_and_name_the_kind():
+    """stats() before any step: every counter 0, matrices 'spectral' and the rest 'adamw'; after steps the
+    counters are the optimizer's, without the internal consecutive-skip counter."""
+    W, b = nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(5))
+    opt = SpectralNewton([W, b], lr=0.01)
+    zero = dict(steps=0, skipped=0, retries=0, refreshes=0, decomposition_failures=0, fallbacks=0)
+    assert opt.stats() == {
+        "group0.param0": {"kind": "spectral", **zero},
+        "group0.param1": {"kind": "adamw", **zero},
+    }
+    _grads(W, b)
+    opt.step()
+    W.grad[0, 0] = float("nan")
+    opt.step()
+    s = opt.stats()
+    assert s["group0.param0"] == {"kind": "spectral", **zero, "steps": 1, "skipped": 1}
+    assert s["group0.param1"]["kind"] == "adamw" and not any(
+        k.startswith("consecutive") for k in s["group0.param0"]
+    )
+
+
+def test_load_state_dict_hooks_names_and_tracked_basis():
+    """The load path: pre-hooks may replace the state dict and post-hooks see the optimizer; the groups keep
+    their parameter names; a tracked basis is loaded as a validated copy (not an alias of the saved tensor)."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    opt = SpectralNewton.from_model(model, lr=0.02, basis="tracked", rank=2, alpha=1.0)
+    _grads(*model.parameters())
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    p0 = model[0].weight
+    basis = opt.state[p0]["tracked"]["basis"]
+    assert basis.shape == (6, 2)
+    opt2 = SpectralNewton.from_model(model, lr=0.02, basis="tracked", rank=2, alpha=1.0)
+    names = [list(g["param_names"]) for g in opt2.param_groups]
+    seen = []
+    marker = copy.deepcopy(sd)
+    marker["param_groups"][0]["lr"] = 0.005
+    pre = opt2.register_load_state_dict_pre_hook(
+        lambda o, s: seen.append(("pre", o is opt2, s is sd)) or marker
+    )
+    post = opt2.register_load_state_dict_post_hook(lambda o: seen.append(("post", o is opt2)))
+    opt2.load_state_dict(sd)
+    pre.remove()
+    post.remove()
+    assert seen == [("pre", True, True), ("post", True)]
+    assert opt2.param_groups[0]["lr"] == 0.005  # the dict the pre-hook returned was loaded
+    assert [list(g["param_names"]) for g in opt2.param_groups] == names
+    assert all("params" in g and g["params"] for g in opt2.param_groups)
+    loaded = opt2.state[p0]["tracked"]["basis"]
+    assert torch.equal(loaded, basis)
+    key = next(
+        k for k, v in marker["state"].items() if "tracked" in v and v["tracked"]["basis"].shape == (6, 2)
+    )
+    marker["state"][key]["tracked"]["basis"].fill_(7.0)  # the saved copy changes ...
+    assert torch.equal(opt2.state[p0]["tracked"]["basis"], basis)  # ... the loaded basis does not
+    bad = copy.deepcopy(sd)
+    bad["state"][key]["tracked"]["basis"] = torch.zeros(6, 3)
+    with pytest.raises(
+        ValueError, match=r"tracked basis of parameter .* has shape \(6, 3\), expected \(6, 2\)"
+    ):
+        opt2.load_state_dict(bad)
+    bad["state"][key]["tracked"] = [1, 2]
+    with pytest.raises(ValueError, match="tracked state of parameter .* must be a dict"):
+        opt2.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("basis", ["svd", "polar_express"])
+def test_shard_local_engine_on_one_process_equals_the_default(basis):
+    """On one process ShardLocalEngine's block is the whole matrix: its updates (applied one matrix at a time,
+    not batched) equal the default engine's bit for bit, weight decay included, and so do the counters."""
+    from spectral_dist.distributed import ShardLocalEngine
+
+    alpha = 1.0 if basis == "polar_express" else 0.5
+    runs = []
+    for engine in (None, ShardLocalEngine()):
+        torch.manual_seed(0)
+        W, V, b = (
+            nn.Parameter(torch.randn(6, 5)),
+            nn.Parameter(torch.randn(4, 6)),
+            nn.Parameter(torch.randn(5)),
+        )
+        opt = SpectralNewton([W, V, b], lr=0.05, weight_decay=0.1, basis=basis, alpha=alpha, engine=engine)
+        for seed in range(3):
+            _grads(W, V, b, seed=seed)
+            opt.step()
+        W.grad[1, 1] = float("inf")  # a skip: the parameter and its momentum stay
+        opt.step()
+        runs.append(([p.detach().clone() for p in (W, V, b)], opt.stats()))
+    (p0, s0), (p1, s1) = runs
+    assert all(torch.equal(a, c) for a, c in zip(p0, p1)) and s0 == s1
+    assert s1["group0.param0"]["skipped"] == 1 and s1["group0.param0"]["steps"] == 3
+
+
+def test_state_keys_and_first_moments_after_steps():
+    """The per-parameter state is what torch.optim users and checkpoints read: its keys, dtypes and the AdamW
+    moments after one step (exp_avg = (1 - b1) g, exp_avg_sq = (1 - b2) g^2), the step counters, the tracked
+    basis and the fp32 master copy of a bf16 matrix."""
+    torch.manual_seed(0)
+    W, b = nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(5))
+    Wb = nn.Parameter(torch.randn(4, 3).bfloat16())
+    opt = SpectralNewton([W, b, Wb], lr=0.01, basis="tracked", rank=2)
+    _grads(W, b, Wb)
+    g = b.grad.clone()
+    opt.step()
+    sW, sb, sWb = (opt.state[p] for p in (W, b, Wb))
+    assert (
+        set(sW) == {"counters", "momentum_buffer", "alpha_estimate", "tracked"}
+        and sW["alpha_estimate"] is None
+    )
+    assert sW["tracked"]["step"] == 1 and sW["tracked"]["basis"].shape == (4, 2)
+    assert sW["tracked"]["basis"].dtype == torch.float32
+    assert set(sb) == {"counters", "adam_step", "exp_avg", "exp_avg_sq"} and sb["adam_step"] == 1
+    b1, b2 = opt.param_groups[0]["adamw_betas"]
+    assert torch.allclose(sb["exp_avg"], (1 - b1) * g) and torch.allclose(sb["exp_avg_sq"], (1 - b2) * g * g)
+    assert set(sWb) == {"counters", "momentum_buffer", "alpha_estimate", "tracked", "master"}
+    assert sWb["master"].dtype == torch.float32 and sWb["momentum_buffer"].dtype == torch.float32
+    assert torch.equal(sWb["master"].bfloat16(), Wb.detach())
+    assert sWb["tracked"]["basis"].dtype == torch.float32
+    Q = sW["tracked"]["basis"]  # the basis the step computed (not the zeros it started from): orthonormal
+    assert torch.allclose(Q.mT @ Q, torch.eye(2), atol=1e-5)
+    _grads(W, b, Wb, seed=1)
+    opt.step()
+    assert sW["tracked"]["step"] == 2 and sb["adam_step"] == 2 and sW["counters"]["steps"] == 2
+    # refresh_every=1: a fresh SVD every step, and the counter adds them up
+    opt.param_groups[0]["refresh_every"] = 1
+    before = opt.stats()["group0.param0"]["refreshes"]
+    for seed in (2, 3):
+        _grads(W, b, Wb, seed=seed)
+        opt.step()
+    assert before >= 1 and opt.stats()["group0.param0"]["refreshes"] == before + 2
+
+
+@pytest.mark.parametrize("kind", ["matrix", "vector"])
+def test_a_finite_step_resets_the_consecutive_skip_count(kind):
+    """max_consecutive_skips counts skips *in a row*: skip, step, skip does not raise; a second skip in a row
+    does."""
+    from spectral_dist.optim.spectral_newton import NonFiniteGradientError
+
+    p = nn.Parameter(torch.randn(6, 5) if kind == "matrix" else torch.randn(7))
+    opt = SpectralNewton([p], lr=0.01, max_consecutive_skips=2)
+    for bad in (True, False, True):
+        _grads(p)
+        if bad:
+            p.grad.view(-1)[0] = float("nan")
+        opt.step()
+    _grads(p)
+    p.grad.view(-1)[0] = float("nan")
+    with pytest.raises(NonFiniteGradientError, match="2 consecutive steps"):
+        opt.step()

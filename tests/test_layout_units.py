@@ -39,6 +39,7 @@ def test_stage12_partition_map_matches_brute_force(seed):
             want = [(i - r * ps, i - off) for i in range(off, off + n) if r * ps <= i < (r + 1) * ps]
             mine = [(fo + k, po + k) for fo, po, ln in got[r] for k in range(ln)]
             assert mine == want, (seed, r, off, n)
+            assert got[r] == [] if not want else all(ln > 0 for _, _, ln in got[r])  # no empty pieces
         off += n
 
 
@@ -55,6 +56,7 @@ def test_stage3_partition_map_matches_brute_force(seed):
         elems = [i for i in range(n) if r * ps <= i < (r + 1) * ps]
         mine = [(fo + k, po + k) for fo, po, ln in got[r] for k in range(ln)]
         assert mine == [(q + k, e) for k, e in enumerate(elems)], (seed, r)
+        assert got[r] == [] if not elems else all(ln > 0 for _, _, ln in got[r])  # no empty pieces
         held += [po for _, po in mine]
     assert sorted(held) == list(range(n))
 
@@ -145,6 +147,7 @@ class _FakeDist:
         self.world, self.local = world, threading.local()
         self.barrier = threading.Barrier(world)
         self.box: dict = {}
+        self.sent: dict = {}  # rank -> bytes it sent, per collective
 
     def get_rank(self, group=None):
         return self.local.rank
@@ -157,6 +160,9 @@ class _FakeDist:
 
     def all_to_all_single(self, out, inp, output_split_sizes=None, input_split_sizes=None, group=None):
         r = self.local.rank
+        assert sum(input_split_sizes) == inp.numel() and sum(output_split_sizes) == out.numel()
+        assert input_split_sizes[r] == 0 and output_split_sizes[r] == 0  # a rank's own data never travels
+        self.sent.setdefault(r, []).append(inp.numel() * inp.element_size())
         self.box[r] = list(torch.split(inp, input_split_sizes))
         self.barrier.wait()
         got = [self.box[s][r] for s in range(self.world)]
@@ -180,6 +186,7 @@ def test_exchange_gathers_and_scatters_exactly(seed, monkeypatch):
     fake = _FakeDist(world)
     monkeypatch.setattr(exchange, "dist", fake)
     results, errors = [None] * world, []
+    defaults, subsets = [None] * world, [None] * world
 
     def run(rank):
         fake.local.rank = rank
@@ -203,6 +210,24 @@ def test_exchange_gathers_and_scatters_exactly(seed, monkeypatch):
                 plan, payload, None, header_size=3, extra_sizes={k: 3 for k in truth}, dtype=torch.float64
             )
             results[rank] = (full, back, local)
+            # the same exchange with the default arguments (every key, float32, a 1-number header, no extra)
+            fake.sent[rank] = []
+            full32 = exchange.gather_to_owners(plan, {k: v.float() for k, v in local.items()}, None)
+            back32 = exchange.scatter_from_owners(
+                plan, {k: (torch.tensor([float(rank)]), v, None) for k, v in full32.items()}, None
+            )
+            defaults[rank] = (full32, back32, list(fake.sent[rank]))
+            # a subset of the keys: only those are exchanged
+            sub = [lays[-1].key]
+            part = exchange.gather_to_owners(plan, local, None, keys=sub, dtype=torch.float64)
+            back_sub = exchange.scatter_from_owners(
+                plan,
+                {k: (torch.zeros(1, dtype=torch.float64), v, None) for k, v in part.items()},
+                None,
+                keys=sub,
+                dtype=torch.float64,
+            )
+            subsets[rank] = (part, back_sub)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
             fake.barrier.abort()
@@ -221,3 +246,150 @@ def test_exchange_gathers_and_scatters_exactly(seed, monkeypatch):
             owner = plan.owner(k)
             assert h.tolist() == [float(owner), 1.0, 2.0] and extra.tolist() == [float(owner)] * 3
             assert torch.equal(pieces, 2 * local[k]), (seed, rank, k)
+        full32, back32, sent = defaults[rank]
+        assert set(full32) == set(plan.owned(rank))
+        for k, v in full32.items():
+            assert v.dtype == torch.float32 and torch.equal(v, truth[k].float()), (seed, k)
+        assert set(back32) == set(truth), (seed, rank)
+        for k, (h, pieces, extra) in back32.items():
+            assert h.tolist() == [float(plan.owner(k))] and extra is None
+            assert pieces.dtype == torch.float32 and torch.equal(pieces, local[k].float()), (seed, rank, k)
+        # exchange_bytes predicts the traffic: gather (if any piece crosses ranks), then scatter
+        want = exchange.exchange_bytes(plan, rank, header_size=1)
+        gathered = sent[0] if len(sent) == 2 else 0
+        assert want == {"gather": gathered, "scatter": sent[-1]}, (seed, rank, want, sent)
+        assert exchange.exchange_bytes(
+            plan, rank, itemsize=8, header_size=3, extra_sizes={k: 3 for k in truth}
+        ) == {
+            "gather": 2 * gathered,
+            "scatter": 2 * sent[-1] + 8 * 5 * sum(1 for k in truth if plan.owner(k) == rank) * (world - 1),
+        }
+        part, back_sub = subsets[rank]
+        key = lays[-1].key
+        assert set(part) == ({key} if plan.owner(key) == rank else set()) and set(back_sub) == {key}
+        assert torch.equal(back_sub[key][1], local[key]), (seed, rank)
+
+
+# ---------------------------------------------------------------------------------------------- ZeRO readers
+def _held(pieces, r) -> list[tuple[int, int]]:
+    """(offset in the rank's buffer, offset in the parameter) of every element rank r holds."""
+    return [(fo + k, po + k) for fo, po, ln in pieces[r] for k in range(ln)]
+
+
+class _P:
+    """A stand-in parameter: numel(), and ZeRO-3's partition_numel() / ds_numel."""
+
+    def __init__(self, n, ps=None):
+        self.n, self.ds_numel, self.ps = n, n, ps
+
+    def numel(self):
+        return self.n
+
+    def partition_numel(self):
+        return self.ps
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_zero_readers_map_each_parameter_into_the_flat_partitions(world, monkeypatch):
+    """_stage12, _bf16 and _stage3 read DeepSpeed's (private) attributes into per-rank pieces; against brute
+    force over the flat buffer: parameters laid end to end, cut into ``world`` partitions."""
+    from types import SimpleNamespace
+
+    from spectral_dist.integrations import deepspeed_compat as dc
+
+    monkeypatch.setattr(dc.dist, "get_world_size", lambda group=None: world)
+    sizes = [5, 1, 7]
+    params = [_P(n) for n in sizes]
+    offs = [0, 5, 6]
+    total = sum(sizes)
+    ps = -(-total // world)
+
+    def brute(i, r):  # the elements of parameter i in partition r: (partition offset, parameter offset)
+        return [
+            (j - r * ps, j - offs[i])
+            for j in range(offs[i], offs[i] + sizes[i])
+            if r * ps <= j < (r + 1) * ps
+        ]
+
+    part = object()
+    z12 = SimpleNamespace(
+        round_robin_bit16_groups=[params],
+        real_dp_process_group=["pg"],
+        partition_size=[ps],
+        round_robin_bit16_offsets=[offs],
+        round_robin_bit16_meta=[params],
+        single_partition_of_fp32_groups=[part],
+    )
+    zbf = SimpleNamespace(
+        bf16_groups=[params],
+        real_dp_process_group=["pg"],
+        bf16_groups_flat=[torch.empty(ps * world)],
+        fp32_groups_flat_partition=[part],
+    )
+    for got in (dc._stage12(z12), dc._bf16(zbf)):
+        assert len(got) == 1 and got[0][0] is part and got[0][1] == 0 and got[0][3] == "pg"
+        assert [p for p, _ in got[0][2]] == params
+        for i, (_, pieces) in enumerate(got[0][2]):
+            assert [_held(pieces, r) for r in range(world)] == [brute(i, r) for r in range(world)], i
+    # ZeRO-3: each parameter split on its own into world partitions of ps_i, laid end to end in every rank's
+    # sub-group buffer (q = the sum of the earlier parameters' ps_i); the group id comes from the sub-group map
+    p3 = [_P(n, -(-n // world)) for n in sizes]
+    z3 = SimpleNamespace(
+        fp16_groups=[p3],
+        dp_process_group="dp",
+        fp32_partitioned_groups_flat=[part],
+        sub_group_to_group_id=[4],
+    )
+    for zopt, pg in ((z3, "dp"), (SimpleNamespace(**vars(z3), sub_group_process_groups=["sub"]), "sub")):
+        ((flat, gid, entries, got_pg),) = dc._stage3(zopt)
+        assert flat is part and gid == 4 and got_pg == pg and [p for p, _ in entries] == p3
+        q = 0
+        for p, pieces in entries:
+            for r in range(world):
+                want = [(q + k, e) for k, e in enumerate(range(r * p.ps, min(p.n, (r + 1) * p.ps)))]
+                assert _held(pieces, r) == want, (p.n, r)
+            q += p.ps
+
+
+def test_check_version_accepts_tested_minors_only(monkeypatch):
+    from spectral_dist.integrations import deepspeed_compat as dc
+
+    monkeypatch.delenv(dc.ALLOW_ENV, raising=False)
+    assert dc.check_version("0.19.8") == "0.19.8"
+    assert (
+        dc.check_version("0.19.2+cu121") == "0.19.2+cu121"
+    )  # any patch release and local tag of a tested minor
+    for bad in ("0.20.0", "0.1.9", "1.19.8", "0.18.99"):
+        with pytest.raises(
+            dc.UnsupportedDeepSpeedError, match=rf"DeepSpeed {bad} .*\(0\.19\.8\).*{dc.ALLOW_ENV}=1"
+        ):
+            dc.check_version(bad)
+    monkeypatch.setenv(dc.ALLOW_ENV, "0")
+    with pytest.raises(dc.UnsupportedDeepSpeedError):
+        dc.check_version("0.20.0")
+    monkeypatch.setenv(dc.ALLOW_ENV, "1")
+    assert dc.check_version("0.20.0") == "0.20.0"
+
+
+def test_layout_helpers_against_brute_force():
+    """holds_all, replicated, row blocks (1-D too), empty runs, and the per-rank load of a plan."""
+    from spectral_dist.distributed.layout import replicated_layout, row_block_layout
+
+    rep = replicated_layout("w", (3, 4), 2)
+    assert rep.replicated and rep.holds_all(0) and rep.holds_all(1)
+    rows = row_block_layout("w", (3, 4), [(0, 2), (2, 1)])
+    assert _flat_indices(rows.slices[0]) == list(range(8)) and _flat_indices(rows.slices[1]) == [8, 9, 10, 11]
+    assert not rows.holds_all(0) and not rows.holds_all(1) and not rows.replicated
+    whole = row_block_layout("w", (3, 4), [(0, 3), (3, 0)])
+    assert whole.holds_all(0) and not whole.holds_all(1)
+    strided = MatrixLayout("w", (3, 4), [[Piece(0, 4, 3, 4)], [Piece(0, 2, 3, 4), Piece(2, 2, 3, 4)]])
+    assert strided.holds_all(0) and not strided.holds_all(1)  # three contiguous rows; two column blocks
+    assert MatrixLayout("e", (0, 4), [[], []]).holds_all(1)  # an empty matrix: nothing to hold
+    vec = row_block_layout("b", (6,), [(0, 4), (4, 2)])
+    assert _flat_indices(vec.slices[1]) == [4, 5]
+    assert compress_runs([(0, 0), (3, 2), (7, 0), (9, 1)]) == [Piece(3, 2, 1, 2), Piece(9, 1, 1, 1)]
+    rng = random.Random(3)
+    lays = [_random_layout(rng, f"w{i}", 3) for i in range(7)]
+    plan = build_plan(lays, 3)
+    want = [sum(lay.cost for lay in lays if plan.owner(lay.key) == r) for r in range(3)]
+    assert plan.loads() == want and sum(want) == sum(lay.cost for lay in lays)

@@ -265,10 +265,46 @@ def test_decomposition_failures(monkeypatch):
         (dict(refresh_every=0), "refresh_every"),
         (dict(basis="newton_schulz", alpha=2.0), "alpha=1"),
         (dict(adamw_betas=(0.9, 1.5)), "adamw_betas"),
+        # bools are not numbers here, and every message names its argument
+        (dict(momentum=True), "momentum"),
+        (dict(rank=True), "rank"),
+        (dict(rank=2.0), "rank"),
+        (dict(ns_steps=True), "ns_steps"),
+        (dict(adamw_eps=True), "adamw_eps"),
+        (dict(adamw_eps=0.0), "adamw_eps"),
+        (dict(adamw_eps=float("inf")), "adamw_eps"),
+        (dict(adamw_betas=(0.9,)), "adamw_betas"),
+        (dict(adamw_betas=(0.9, 1.0)), "adamw_betas"),
+        (dict(adamw_betas=(True, 0.9)), "adamw_betas"),
+        (dict(weight_decay=True), "weight_decay"),
+        (dict(weight_decay=float("nan")), "weight_decay"),
+        (dict(adamw_lr=-1.0), "adamw_lr"),
+        (dict(adamw_weight_decay=-1.0), "adamw_weight_decay"),
+        (dict(basis="cholesky", alpha=1.0), "cholesky"),
+        (dict(max_consecutive_skips=0), "max_consecutive_skips"),
+        (dict(max_consecutive_skips=True), "max_consecutive_skips"),
+        (dict(max_consecutive_skips=2.0), "max_consecutive_skips"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SpectralNewton([nn.Parameter(torch.randn(3, 3))], **kwargs)
-    with pytest.raises(ValueError, match=match):  # per-group options are validated too
-        SpectralNewton([{"params": [nn.Parameter(torch.randn(3, 3))], **kwargs}])
+    if "max_consecutive_skips" not in kwargs:  # an optimizer-wide option, not a group's
+        with pytest.raises(ValueError, match=match):  # per-group options are validated too
+            SpectralNewton([{"params": [nn.Parameter(torch.randn(3, 3))], **kwargs}])
+
+
+def test_boundary_arguments_are_valid():
+    """The edges of the valid ranges: rank 1, a beta of 0, momentum 0, one allowed skip, integer lr."""
+    p = nn.Parameter(torch.randn(4, 3))
+    for kwargs in (
+        dict(rank=1, basis="tracked"),
+        dict(adamw_betas=(0.0, 0.0)),
+        dict(adamw_betas=[0.8, 0.9]),
+        dict(momentum=0.0),
+        dict(max_consecutive_skips=1),
+        dict(lr=1, weight_decay=0),
+        dict(basis="cholesky", alpha=0.0),
+    ):
+        opt = SpectralNewton([p], **kwargs)
+        assert isinstance(opt.param_groups[0]["adamw_betas"], tuple), kwargs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 
@@ -236,11 +237,38 @@ def test_optimizers_step_and_round_trip(name):
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert all(g["lr"] > 0 for g in opt.param_groups)
     sd = opt.state_dict()
-    opt2 = build_optimizer(cfg, model)
-    opt2.load_state_dict(sd)
-    assert str(opt2.state_dict()["param_groups" if name != "muon" else "muon"]) == str(
-        sd["param_groups" if name != "muon" else "muon"]
-    )
+    model2 = copy.deepcopy(model)
+    opt2 = build_optimizer(cfg, model2)
+    opt2.load_state_dict(copy.deepcopy(sd))
+    # the whole state dict comes back: hyperparameters and every per-parameter state tensor, by key
+    tensors = _assert_same_state(opt2.state_dict(), sd)
+    assert tensors >= sum(1 for p in model.parameters() if p.requires_grad), tensors
+    # and training continues identically for a step
+    for m, o in ((model, opt), (model2, opt2)):
+        torch.nn.functional.cross_entropy(m(x).logits, y).backward()
+        o.step()
+        o.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    _assert_same_state(opt2.state_dict(), opt.state_dict())
+
+
+def _assert_same_state(got, want, path="state_dict") -> int:
+    """Recursive equality of two state dicts (tensors with torch.equal); returns how many tensors it compared."""
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want), path
+        return 1
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (
+            path,
+            sorted(map(str, got)),
+            sorted(map(str, want)),
+        )
+        return sum(_assert_same_state(got[k], want[k], f"{path}[{k!r}]") for k in want)
+    if isinstance(want, (list, tuple)):
+        assert isinstance(got, (list, tuple)) and len(got) == len(want), path
+        return sum(_assert_same_state(g, w, f"{path}[{i}]") for i, (g, w) in enumerate(zip(got, want)))
+    assert got == want, (path, got, want)
+    return 0
 
 
 def test_muon_needs_hidden_matrices():

@@ -175,3 +175,207 @@ def test_decomposition_failure_retries_then_raises(monkeypatch):
     )
     with pytest.raises(DecompositionError):
         spectral_direction(G, 1.0)
+
+
+def test_each_method_runs_its_own_routine_with_the_documented_defaults():
+    """The dispatch of spectral_direction and its defaults. The exact methods agree to rounding, so they are told
+    apart by what they leave behind: a basis in ``state`` and counted refreshes for the stateful ones, nothing
+    for the stateless ones."""
+    from spectral_dist.spectral import polar_express
+
+    G = _batch((12, 8), seed=3, dtype=torch.float32)
+    # damping defaults to 1e-4 (the float64 reference at alpha 0.5)
+    want = torch.from_numpy(_np_reference(G.double().numpy(), 0.5, 1e-4)).float()
+    assert torch.allclose(spectral_direction(G, 0.5), want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    # alpha 1: the polynomial methods give exactly their routine's 5-step result, and "auto" is Polar Express
+    ns = spectral_direction(G, 1.0, method="newton_schulz")
+    assert torch.equal(ns, newton_schulz(G, steps=5)) and not torch.equal(ns, newton_schulz(G, steps=6))
+    pe = spectral_direction(G, 1.0, method="polar_express")
+    assert torch.equal(pe, polar_express(G, steps=5)) and not torch.equal(pe, polar_express(G, steps=6))
+    assert torch.equal(spectral_direction(G, 1.0, method="auto"), pe)
+    # stateless methods touch neither the state nor the counter
+    for method in ("svd", "gram"):
+        state, counter = {}, {}
+        D = spectral_direction(G, 0.5, method=method, state=state, counter=counter)
+        assert state == {} and counter == {} and torch.allclose(D, want, atol=1e-5 * float(want.abs().max()))
+    # alpha 0.5 under "auto" is the eigenbasis: it keeps a basis and counts its first SVD as a refresh
+    state, counter = {}, {}
+    D = spectral_direction(G, 0.5, method="auto", state=state, counter=counter)
+    assert state["step"] == 1 and state["basis"].shape == (8, 8) and counter == {"refreshes": 1}
+    assert torch.allclose(D, want, atol=1e-4 * float(want.abs().max()))
+    # tracked: refresh_every defaults to 10 (a fresh SVD at calls 1 and 11, not at call 12)
+    state, counter = {}, {}
+    for _ in range(11):
+        spectral_direction(G, 0.5, method="tracked", state=state, counter=counter)
+    assert counter["refreshes"] == 2
+    spectral_direction(G, 0.5, method="tracked", state=state, counter=counter)
+    assert counter["refreshes"] == 2
+
+
+def _stale_basis_reference(G: np.ndarray, Q: np.ndarray, alpha: float, damping: float) -> np.ndarray:
+    """The eigenbasis direction of G in a fixed basis Q (n x r), float64, from its definition: B = G Q,
+    sigma_i = |B e_i|, D = B diag(1 / (sigma^alpha + damping sigma_max^alpha)) Q^T, plus the part of G outside
+    span(Q) with the factor of the weakest direction."""
+    B = G @ Q
+    s = np.linalg.norm(B, axis=0)
+    w = 1.0 / (s**alpha + damping * s.max() ** alpha)
+    D = (B * w) @ Q.T
+    if Q.shape[1] < min(G.shape):
+        D = D + w[np.argmin(s)] * (G - B @ Q.T)
+    return D
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_eigenbasis_keeps_its_basis_between_refreshes(rank):
+    """eigenbasis_direction: the first call takes G's right singular vectors (exact), later calls reuse that
+    basis (so a rotated G is *not* exact: the stale-basis reference is), and every ``refresh_every`` calls the
+    basis takes one subspace-iteration step Q <- qr(G^T G Q)."""
+    from spectral_dist.spectral import eigenbasis_direction
+
+    gen = torch.Generator().manual_seed(5)
+    G1 = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    G2 = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    r = 6 if rank is None else rank
+    state, counter = {}, {}
+    D1 = eigenbasis_direction(G1, 0.5, 1e-3, state, rank, refresh_every=2, counter=counter)
+    V1 = np.linalg.svd(G1.numpy())[2][:r].T
+    assert state["step"] == 1 and state["basis"].shape == (6, r) and counter == {"refreshes": 1}
+    assert np.allclose(D1.numpy(), _stale_basis_reference(G1.numpy(), V1, 0.5, 1e-3), atol=1e-12)
+    if rank is None:  # a full basis of G's own singular vectors: the exact direction
+        assert np.allclose(D1.numpy(), _np_reference(G1.numpy(), 0.5, 1e-3), atol=1e-12)
+    D2 = eigenbasis_direction(G2, 0.5, 1e-3, state, rank, refresh_every=2, counter=counter)
+    want = _stale_basis_reference(G2.numpy(), V1, 0.5, 1e-3)
+    assert np.allclose(D2.numpy(), want, atol=1e-12) and counter == {"refreshes": 1} and state["step"] == 2
+    assert not np.allclose(D2.numpy(), _np_reference(G2.numpy(), 0.5, 1e-3), atol=1e-3)
+    Q_before = state["basis"].clone()
+    D3 = eigenbasis_direction(G2, 0.5, 1e-3, state, rank, refresh_every=2, counter=counter)  # step 2: refine
+    Q3 = torch.linalg.qr(G2.mT @ (G2 @ Q_before))[0]
+    assert torch.allclose(state["basis"], Q3, atol=1e-12) and state["step"] == 3
+    assert np.allclose(D3.numpy(), _stale_basis_reference(G2.numpy(), Q3.numpy(), 0.5, 1e-3), atol=1e-12)
+    # another shape: a fresh SVD
+    eigenbasis_direction(G2[:, :4], 0.5, 1e-3, state, rank, refresh_every=2, counter=counter)
+    assert counter == {"refreshes": 2} and state["basis"].shape == (4, min(r, 4))
+    with pytest.raises(ValueError, match="one matrix"):
+        eigenbasis_direction(G1.unsqueeze(0), 0.5, 1e-3, {})
+
+
+def test_batched_polynomials_and_cholesky_treat_each_matrix_on_its_own():
+    """A batch of matrices with very different scales: every batched routine gives each matrix what it gives
+    that matrix alone (a normalisation or power iteration over the whole batch would not), with its defaults."""
+    from spectral_dist.spectral import cholesky_direction, direction_unchecked, polar_express
+
+    G = _batch((3, 10, 7), seed=11, dtype=torch.float64)
+    G = G * torch.tensor([1e-3, 1.0, 1e3], dtype=torch.float64).view(3, 1, 1)
+    for Gs in (G, G.mT):  # wide and tall
+        for fn in (newton_schulz, polar_express):
+            out = fn(Gs)
+            assert torch.equal(out, fn(Gs, steps=5))
+            for i in range(3):
+                assert torch.allclose(out[i], fn(Gs[i]), rtol=0, atol=1e-10), (fn.__name__, i)
+        # the polar factor itself: within the polynomials' stated error of the SVD's U V^T
+        polar = torch.from_numpy(_np_reference(Gs.numpy(), 1.0, 0.0))
+        assert (polar_express(Gs) - polar).norm(dim=(-2, -1)).max() < 0.3 * polar.norm(dim=(-2, -1)).min()
+        for alpha, damping in ((0.0, 0.1), (2.0, 1e-3)):
+            D, ok = cholesky_direction(Gs, alpha, damping)
+            want = torch.from_numpy(_np_reference(Gs.numpy(), alpha, damping))
+            assert ok.shape == (3,) and bool(ok.all())
+            assert torch.allclose(D, want, rtol=1e-6, atol=1e-9 * float(want.abs().max())), (alpha, damping)
+    # direction_unchecked: the stateless methods on a batch, one finite flag per matrix
+    X = G.float()
+    X[1, 2, 3] = float("inf")
+    for method, ref in (
+        ("newton_schulz", lambda x: newton_schulz(x, steps=5)),
+        ("polar_express", lambda x: polar_express(x, steps=5)),
+    ):
+        D, ok = direction_unchecked(X, 1.0, 0.0, method)
+        assert ok.tolist() == [True, False, True], method
+        assert all(torch.allclose(D[i], ref(X[i]), atol=1e-5) for i in (0, 2)), method
+    D64, _ = direction_unchecked(X[[0]], 1.0, 0.0, "polar_express", matmul_dtype=torch.float64)
+    assert torch.equal(D64, polar_express(X[[0]], steps=5, matmul_dtype=torch.float64))
+    assert not torch.equal(D64, polar_express(X[[0]], steps=5))  # the matmul dtype reaches the iteration
+    with pytest.raises(ValueError, match="stateless"):
+        direction_unchecked(X, 1.0, 0.0, "tracked")
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_eigenbasis_batched_equals_the_one_matrix_eigenbasis(rank):
+    """eigenbasis_batched on a batch = eigenbasis_direction on each matrix, step by step: the first step takes
+    an SVD, the next ones reuse the basis and refine it every ``refresh_every`` steps (default 1)."""
+    from spectral_dist.spectral import eigenbasis_batched, eigenbasis_direction
+
+    gen = torch.Generator().manual_seed(2)
+    Xs = [torch.randn(3, 9, 6, generator=gen, dtype=torch.float64) for _ in range(4)]
+    Xs[1] = Xs[1] * torch.tensor([1e-2, 1.0, 1e2], dtype=torch.float64).view(3, 1, 1)
+    for every in (None, 2):
+        kw = {} if every is None else {"refresh_every": every}
+        states = [{} for _ in range(3)]
+        Q = None
+        for step, X in enumerate(Xs):
+            D, Q, ok = eigenbasis_batched(X, 0.5, 1e-3, Q, step, rank, **kw)
+            assert ok.tolist() == [True, True, True]
+            for i in range(3):
+                # the one-matrix version refines with a Householder QR, the batch with a Cholesky QR: the bases
+                # agree up to column signs, the directions (and so Q Q^T) agree
+                want = eigenbasis_direction(X[i], 0.5, 1e-3, states[i], rank, refresh_every=every or 1)
+                assert torch.allclose(D[i], want, atol=1e-9 * float(want.abs().max())), (every, step, i)
+                P, Pw = Q[i] @ Q[i].mT, states[i]["basis"] @ states[i]["basis"].mT
+                assert torch.allclose(P, Pw, atol=1e-9), (every, step, i)
+            assert Q.shape == (3, 6, 6 if rank is None else rank)
+
+
+def test_cholesky_method_retries_in_float64_then_raises(monkeypatch):
+    """method='cholesky' through spectral_direction: the exact closed forms; a failed float32 factorisation is
+    redone in float64 (counted as a retry), a second failure raises."""
+    from spectral_dist.spectral import direction as dr
+
+    G = _batch((2, 9, 6), seed=4, dtype=torch.float32)
+    for alpha, damping in ((0.0, 0.1), (2.0, 1e-3)):
+        want = torch.from_numpy(_np_reference(G.double().numpy(), alpha, damping)).float()
+        counter = {}
+        D = spectral_direction(G, alpha, damping, method="cholesky", counter=counter)
+        assert D.dtype == torch.float32 and counter == {}
+        assert torch.allclose(D, want, rtol=1e-4, atol=1e-5 * float(want.abs().max())), alpha
+    real = dr.cholesky_direction
+    calls = []
+
+    def flaky(X, alpha, damping):  # fails in float32, works in float64
+        calls.append(X.dtype)
+        D, ok = real(X, alpha, damping)
+        return D, ok & (X.dtype == torch.float64)
+
+    monkeypatch.setattr(dr, "cholesky_direction", flaky)
+    counter = {"retries": 2}
+    D = spectral_direction(G, 2.0, 1e-3, method="cholesky", counter=counter)
+    want = torch.from_numpy(_np_reference(G.double().numpy(), 2.0, 1e-3)).float()
+    assert calls == [torch.float32, torch.float64] and counter == {"retries": 3} and D.dtype == torch.float32
+    assert torch.allclose(D, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    monkeypatch.setattr(
+        dr, "cholesky_direction", lambda X, a, d: (torch.zeros_like(X), torch.zeros(2, dtype=torch.bool))
+    )
+    with pytest.raises(DecompositionError, match="Cholesky failed in torch.float32 and float64"):
+        spectral_direction(G, 2.0, 1e-3, method="cholesky")
+
+
+@pytest.mark.parametrize("method", ["tracked", "eigenbasis"])
+def test_stateful_methods_on_a_batch_keep_one_state_per_matrix(method):
+    """A batch (b, m, n) through spectral_direction: one state per matrix under state['batch'], each exactly the
+    state of that matrix run alone with the same rank / refresh_every / counter; rank 1 is valid, 0 is not."""
+    G = _batch((3, 5, 8), seed=9, dtype=torch.float64)
+    kw = dict(rank=6, refresh_every=3)  # rank above min(m, n) = 5: capped at 5
+    state, counter = {}, {}
+    alone = [({}, {}) for _ in range(3)]
+    for step in range(4):
+        Gs = G + 0.3 * step * _batch((3, 5, 8), seed=20 + step, dtype=torch.float64)
+        D = spectral_direction(Gs, 0.5, method=method, state=state, counter=counter, **kw)
+        for i, (st, c) in enumerate(alone):
+            want = spectral_direction(Gs[i], 0.5, method=method, state=st, counter=c, **kw)
+            assert torch.equal(D[i], want), (step, i)
+    assert len(state["batch"]) == 3 and all(s["step"] == 4 for s in state["batch"])
+    assert all(s["basis"].shape == (8, 5) for s in state["batch"])
+    assert counter["refreshes"] == sum(c["refreshes"] for _, c in alone) >= 3
+    with pytest.raises(ValueError, match="different batch size"):
+        spectral_direction(G[:2], 0.5, method=method, state=state)
+    D1 = spectral_direction(G[0], 0.5, method=method, state={}, rank=1)
+    assert torch.isfinite(D1).all()
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        spectral_direction(G[0], 0.5, method=method, state={}, rank=0)
