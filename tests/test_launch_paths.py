@@ -304,6 +304,10 @@ def test_config_errors_name_the_key():
     assert sized["gradient_accumulation_steps"] == 1 and sized["gradient_clipping"] == 1.0
     assert sized["bf16"]["enabled"] is False and sized["fp16"]["enabled"] is False
     assert "train_micro_batch_size_per_gpu" not in resolve_auto({**cfg, "train_batch_size": 16})
+    # SpectralNewton's own "auto" option values are options, not placeholders: they pass through untouched
+    own = {**cfg, "train_micro_batch_size_per_gpu": 4}
+    own["optimizer"] = {"type": "spectral_newton", "params": {"lr": 1e-3, "basis": "auto", "alpha": "auto"}}
+    assert resolve_auto(own)["optimizer"]["params"] == {"lr": 1e-3, "basis": "auto", "alpha": "auto"}
     hf_style = {
         **cfg,
         "train_micro_batch_size_per_gpu": 4,

@@ -200,11 +200,15 @@ def check_config(cfg: Mapping) -> dict:
     return params
 
 
+# SpectralNewton's own "auto" values (its option values, not placeholders for accelerate to fill in)
+OWN_AUTO = frozenset({"optimizer.params.alpha", "optimizer.params.basis", "optimizer.params.distributed"})
+
+
 def _autos(cfg, prefix=""):
     for key, value in cfg.items():
         if isinstance(value, Mapping):
             yield from _autos(value, f"{prefix}{key}.")
-        elif value == "auto":
+        elif value == "auto" and f"{prefix}{key}" not in OWN_AUTO:
             yield f"{prefix}{key}"
 
 
