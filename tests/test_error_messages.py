@@ -1,0 +1,637 @@
+"""Error messages and documented defaults of the core, pinned exactly.
+
+A bad input gets an error that says what is wrong and what to change; these tests assert the text,
+including the offending value or name, so that a changed, dropped or mangled message fails here
+(they are part of the mutation tier, docs/testing.md)."""
+
+import inspect
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from spectral_dist import SpectralNewton
+from spectral_dist.distributed.layout import _as_piece, build_plan
+from spectral_dist.optim.spectral_newton import normalize_name, validate_group
+from spectral_dist.spectral import DecompositionError
+from spectral_dist.spectral.decompose import _retry
+from spectral_dist.spectral.direction import cholesky_direction, spectral_direction, tracked_direction
+from spectral_dist.spectral.transform import check_damping
+
+
+def _p(shape=(4, 3)):
+    return nn.Parameter(torch.randn(*shape))
+
+
+def _opt(**kw):
+    return SpectralNewton([_p()], **kw)
+
+
+def _exact(msg):
+    return "^" + re.escape(msg) + "$"
+
+
+# ---------------------------------------------------------------- construction options
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(lr=-1.0), "lr must be a finite number >= 0, got -1.0"),
+        (dict(lr="x"), "lr must be a finite number >= 0, got 'x'"),
+        (dict(weight_decay=-0.5), "weight_decay must be a finite number >= 0, got -0.5"),
+        (dict(adamw_lr=-2.0), "adamw_lr must be a finite number >= 0, got -2.0"),
+        (dict(adamw_weight_decay=-0.25), "adamw_weight_decay must be a finite number >= 0, got -0.25"),
+        (dict(rms_target=-0.2), "rms_target must be a finite number >= 0, got -0.2"),
+        (dict(rms_target=float("inf")), "rms_target must be a finite number >= 0, got inf"),
+        (dict(nesterov="yes"), "nesterov must be True or False, got 'yes'"),
+        (dict(nesterov=1), "nesterov must be True or False, got 1"),
+        (dict(momentum=1.0), "momentum must be in [0, 1), got 1.0"),
+        (dict(momentum=-0.1), "momentum must be in [0, 1), got -0.1"),
+        (dict(momentum=True), "momentum must be in [0, 1), got True"),
+        (dict(momentum="0.9"), "momentum must be in [0, 1), got '0.9'"),
+        (dict(master_weights="no"), "master_weights must be True or False, got 'no'"),
+        (dict(master_weights=0), "master_weights must be True or False, got 0"),
+        (dict(max_consecutive_skips=0), "max_consecutive_skips must be a positive integer, got 0"),
+        (dict(max_consecutive_skips=True), "max_consecutive_skips must be a positive integer, got True"),
+        (dict(refresh_every=0), "refresh_every must be a positive integer, got 0"),
+        (dict(ns_steps=1.5), "ns_steps must be a positive integer, got 1.5"),
+        (dict(rank=0), "rank must be a positive integer or None, got 0"),
+        (dict(damping=-1.0), "damping must be >= 0, got -1.0"),
+        (dict(damping=float("nan")), "damping must be a finite number >= 0, got nan"),
+        (dict(damping=True), "damping must be a finite number >= 0, got True"),
+        (dict(adamw_eps=0.0), "adamw_eps must be a finite number > 0, got 0.0"),
+        (dict(adamw_betas=(0.9, 1.0)), "adamw_betas must be two numbers in [0, 1), got (0.9, 1.0)"),
+        (
+            dict(basis="cholesky", alpha=1.0),
+            "basis='cholesky' is exact for alpha = 0 or 2 only, got alpha=1.0",
+        ),
+        (
+            dict(basis="cholesky", alpha=3.0),
+            "basis='cholesky' is exact for alpha = 0 or 2 only, got alpha=3.0",
+        ),
+        (
+            dict(basis="cholesky", alpha="auto"),
+            "basis='cholesky' is exact for alpha = 0 or 2 only, got alpha='auto'",
+        ),
+        (
+            dict(lr=0.0, adamw_lr=0.01),
+            "adamw_lr=0.01 follows lr's schedule as adamw_lr * lr / (lr at construction), so it needs lr > 0 at "
+            "construction; leave adamw_lr unset (AdamW then uses lr) or pass lr > 0",
+        ),
+    ],
+)
+def test_constructor_errors_name_the_option_and_value(kw, msg):
+    with pytest.raises(ValueError, match=_exact(msg)):
+        _opt(**kw)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(momentum=0.0),
+        dict(momentum=0.999),
+        dict(momentum=0),
+        dict(basis="cholesky", alpha=0.0),
+        dict(basis="cholesky", alpha=2.0),
+        dict(basis="cholesky", alpha=2),
+        dict(lr=0.0),
+        dict(weight_decay=0.0, adamw_weight_decay=0.0, rms_target=0.0),
+        dict(max_consecutive_skips=1),
+        dict(adamw_betas=[0.0, 0.5]),
+    ],
+)
+def test_constructor_accepts_boundary_values(kw):
+    opt = _opt(**kw)
+    g = opt.param_groups[0]
+    for k, v in kw.items():
+        want = tuple(v) if k == "adamw_betas" else v
+        got = opt.max_consecutive_skips if k == "max_consecutive_skips" else g[k]
+        assert got == want and type(got) is type(want)
+
+
+def test_spectral_group_option_error():
+    with pytest.raises(ValueError, match=_exact("spectral must be None (by ndim), True or False, got 'yes'")):
+        SpectralNewton([{"params": [_p()], "spectral": "yes"}])
+
+
+def test_adamw_lr_needs_base_lr_not_current_lr():
+    """validate_group checks the lr at construction (base_lr) when the group has one, not the current lr."""
+    g = dict(_opt().param_groups[0])
+    g.update(adamw_lr=0.01, lr=0.0, base_lr=0.5)
+    validate_group(g)  # lr was scheduled to 0: fine
+    g.update(lr=0.5, base_lr=0.0)
+    with pytest.raises(ValueError, match=r"^adamw_lr=0\.01 follows lr's schedule"):
+        validate_group(g)
+
+
+def test_add_param_group_rejects_vector_with_spectral_true():
+    opt = _opt()
+    with pytest.raises(
+        ValueError, match=_exact("spectral=True needs matrix parameters; got one of shape (5,)")
+    ):
+        opt.add_param_group({"params": [_p((5,))], "spectral": True})
+    assert len(opt.param_groups) == 1
+
+
+# ---------------------------------------------------------------- defaults
+def test_documented_defaults():
+    sig = inspect.signature(SpectralNewton.__init__).parameters
+    want = dict(
+        lr=1e-3,
+        alpha=1.0,
+        momentum=0.95,
+        nesterov=True,
+        damping=1e-4,
+        weight_decay=0.0,
+        scale="rms",
+        basis="auto",
+        rank=None,
+        refresh_every=1,
+        adamw_lr=None,
+        adamw_betas=(0.9, 0.95),
+        adamw_eps=1e-8,
+        adamw_weight_decay=0.0,
+        rms_target=0.2,
+        ns_steps=5,
+        max_consecutive_skips=10,
+        master_weights=True,
+        distributed="auto",
+        engine=None,
+    )
+    assert {k: sig[k].default for k in want} == want
+    opt = _opt()
+    g = opt.param_groups[0]
+    for k, v in want.items():
+        if k in ("max_consecutive_skips", "master_weights"):
+            assert getattr(opt, k) == v
+        elif k in ("distributed", "engine"):
+            assert getattr(opt, "_" + k) == v
+        else:
+            assert g[k] == v and type(g[k]) is type(v), k
+    assert g["spectral"] is None and g["layer_type"] is None
+    assert "layer_type" in opt.defaults and opt.defaults["layer_type"] is None
+    fm = inspect.signature(SpectralNewton.from_model).parameters
+    assert (
+        fm["alpha"].default == "by_layer"
+        and fm["verbose"].default is False
+        and fm["head_names"].default == ()
+    )
+
+
+def test_distributed_and_engine_are_kept():
+    sentinel = object()
+    opt = _opt(distributed=False, engine=sentinel)
+    assert opt._distributed is False and opt._engine is sentinel
+
+
+def test_adamw_betas_kept_as_given_when_not_a_sequence():
+    with pytest.raises(ValueError, match=_exact("adamw_betas must be two numbers in [0, 1), got 0.9")):
+        _opt(adamw_betas=0.9)
+
+
+def test_max_consecutive_skips_default_is_ten():
+    from spectral_dist.optim import NonFiniteGradientError
+
+    p = _p()
+    opt = SpectralNewton([p])
+    for _ in range(9):
+        p.grad = torch.full_like(p, float("nan"))
+        opt.step()
+    p.grad = torch.full_like(p, float("nan"))
+    with pytest.raises(NonFiniteGradientError):
+        opt.step()
+
+
+# ---------------------------------------------------------------- from_model
+def test_from_model_without_parameters():
+    m = nn.Linear(2, 2)
+    for q in m.parameters():
+        q.requires_grad_(False)
+    with pytest.raises(ValueError, match=_exact("model has no trainable parameters")):
+        SpectralNewton.from_model(m)
+
+
+def test_from_model_keeps_infos_and_is_quiet(capsys):
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.warns(UserWarning, match=r"^SpectralNewton\.from_model: none of the model's"):
+        opt = SpectralNewton.from_model(m)
+    assert capsys.readouterr().out == ""
+    assert [i.name for i in opt.param_infos] == [n for n, _ in m.named_parameters()]
+
+
+def test_from_model_head_names_reach_classification():
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    plain = {i.name: i.layer_type for i in SpectralNewton.from_model(m).param_infos}
+    headed = {i.name: i.layer_type for i in SpectralNewton.from_model(m, head_names=("2",)).param_infos}
+    assert plain["2.weight"] == "matrix" and headed["2.weight"] == "head"
+
+
+def test_from_model_verbose_prints_alpha_table(capsys):
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    SpectralNewton.from_model(m, alpha={"matrix": 1.5}, verbose=True)
+    out = capsys.readouterr().out
+    assert "0.weight" in out and "1.5" in out
+
+
+# ---------------------------------------------------------------- small helpers
+def test_normalize_name_keeps_dots():
+    assert normalize_name("module._orig_mod.layers.0.weight") == "layers.0.weight"
+
+
+def test_resolve_alpha_meta_defaults():
+    from spectral_dist.optim.classify import DEFAULT_ALPHA
+
+    opt = _opt(alpha="auto")
+    g = dict(opt.param_groups[0])
+    g["layer_type"] = None
+    assert opt.resolve_alpha_meta({}, g) == DEFAULT_ALPHA["matrix"]
+    g["layer_type"] = "no_such_type"
+    assert opt.resolve_alpha_meta({}, g) == 1.0
+
+
+def test_adamw_lr_follows_schedule():
+    g = {"adamw_lr": 0.02, "lr": 0.05, "base_lr": None}
+    assert SpectralNewton.adamw_lr(g) == pytest.approx(0.02)
+    g = {"adamw_lr": 0.02, "lr": 0.05, "base_lr": 0.1}
+    assert SpectralNewton.adamw_lr(g) == pytest.approx(0.01)
+
+
+# ---------------------------------------------------------------- load_state_dict
+def _named_opt(names=("a", "b")):
+    ps = [_p() for _ in names]
+    return SpectralNewton([{"params": ps, "param_names": list(names)}]), ps
+
+
+def test_load_state_dict_not_a_state_dict():
+    opt, _ = _named_opt()
+    with pytest.raises(
+        ValueError, match=_exact("not an optimizer state dict: it needs 'state' and 'param_groups'")
+    ):
+        opt.load_state_dict({"state": {}})
+
+
+def test_load_state_dict_group_count():
+    opt, _ = _named_opt()
+    sd = opt.state_dict()
+    sd["param_groups"] = sd["param_groups"] * 2
+    with pytest.raises(
+        ValueError,
+        match=_exact(
+            "the state dict has 2 param groups, this optimizer has 1"
+            " (build the optimizer the same way, e.g. SpectralNewton.from_model on the same model)"
+        ),
+    ):
+        opt.load_state_dict(sd)
+
+
+def test_load_state_dict_bad_group_option_names_group():
+    opt, _ = _named_opt(("w0", "w1", "w2", "w3"))
+    sd = opt.state_dict()
+    sd["param_groups"][0]["momentum"] = 2.0
+    with pytest.raises(
+        ValueError,
+        match=_exact("param group 0 (w0, w1, w2...) in the state dict: momentum must be in [0, 1), got 2.0"),
+    ):
+        opt.load_state_dict(sd)
+
+
+def test_load_state_dict_betas_list_and_base_lr():
+    opt, ps = _named_opt()
+    sd = opt.state_dict()
+    g = sd["param_groups"][0]
+    g["adamw_betas"] = [0.8, 0.9]
+    del g["base_lr"]
+    g["lr"] = 0.25
+    opt.load_state_dict(sd)
+    g = opt.param_groups[0]
+    assert g["adamw_betas"] == (0.8, 0.9) and isinstance(g["adamw_betas"], tuple)
+    assert g["param_names"] == ["a", "b"] and g["params"][0] is ps[0]
+
+
+def test_load_state_dict_name_mismatch_message():
+    opt, _ = _named_opt(tuple(f"p{i}" for i in range(6)))
+    other, _ = _named_opt(tuple(f"q{i}" for i in range(6)))
+    with pytest.raises(ValueError) as e:
+        opt.load_state_dict(other.state_dict())
+    assert str(e.value) == (
+        "the state dict's parameter names do not match this optimizer's: "
+        "missing ['p0', 'p1', 'p2', 'p3', 'p4']..., "
+        "unexpected ['q0', 'q1', 'q2', 'q3', 'q4']... (wrapper prefixes such as "
+        "'module.' are ignored); build the optimizer over the same parameters"
+    )
+
+
+def test_load_state_dict_name_mismatch_five_names_no_ellipsis():
+    opt, _ = _named_opt(tuple(f"p{i}" for i in range(5)))
+    other, _ = _named_opt(tuple(f"q{i}" for i in range(5)))
+    with pytest.raises(ValueError) as e:
+        opt.load_state_dict(other.state_dict())
+    assert str(e.value) == (
+        "the state dict's parameter names do not match this optimizer's: "
+        "missing ['p0', 'p1', 'p2', 'p3', 'p4'], "
+        "unexpected ['q0', 'q1', 'q2', 'q3', 'q4'] (wrapper prefixes such as "
+        "'module.' are ignored); build the optimizer over the same parameters"
+    )
+
+
+def test_load_param_state_must_be_dict():
+    opt, _ = _named_opt()
+    sd = opt.state_dict()
+    sd["state"] = {0: [1, 2]}
+    with pytest.raises(ValueError, match=_exact("state of parameter 'a' must be a dict, got list")):
+        opt.load_state_dict(sd)
+
+
+# ---------------------------------------------------------------- spectral/ and layout
+def test_check_damping_message():
+    with pytest.raises(ValueError, match=_exact("damping must be a finite number >= 0, got 'x'")):
+        check_damping("x")
+
+
+def test_cholesky_direction_alpha_message():
+    with pytest.raises(
+        ValueError, match=_exact("method='cholesky' is exact for alpha = 0 or 2 only, got alpha=1.0")
+    ):
+        cholesky_direction(torch.randn(4, 3), 1.0, 1e-4)
+    with pytest.raises(
+        ValueError, match=_exact("method='cholesky' is exact for alpha = 0 or 2 only, got alpha=1.0")
+    ):
+        spectral_direction(torch.randn(4, 3), alpha=1.0, method="cholesky")
+
+
+def test_tracked_direction_messages():
+    with pytest.raises(
+        ValueError, match=_exact("tracked_direction works on one matrix (m, n), got shape (2, 4, 3)")
+    ):
+        tracked_direction(torch.randn(2, 4, 3), torch.zeros(3, 2), 1.0, 1e-4)
+    with pytest.raises(ValueError, match=_exact("residual must be 'scaled' or 'drop', got 'keep'")):
+        tracked_direction(torch.randn(4, 3), torch.zeros(3, 2), 1.0, 1e-4, residual="keep")
+
+
+def test_spectral_direction_non_finite_input_message():
+    G = torch.randn(4, 3)
+    G[0, 0] = float("nan")
+    with pytest.raises(
+        ValueError,
+        match=_exact(
+            "spectral_direction got a non-finite G; the optimizer skips such steps before calling it"
+        ),
+    ):
+        spectral_direction(G, alpha=1.0)
+
+
+def test_retry_counts_and_messages():
+    counter = {}
+
+    def nan_then_ok(A):
+        if A.dtype == torch.float32:
+            return (torch.full_like(A, float("nan")),)
+        return (A,)
+
+    A = torch.ones(3, 2)
+    (out,) = _retry(nan_then_ok, A, "svd", counter)
+    assert counter == {"retries": 1} and out.dtype == torch.float32
+    _retry(nan_then_ok, A, "svd", counter)
+    assert counter == {"retries": 2}
+
+    def always_fail(A):
+        raise torch.linalg.LinAlgError("boom")
+
+    with pytest.raises(
+        DecompositionError, match=_exact("svd failed in torch.float32 and float64 for shape (3, 2)")
+    ):
+        _retry(always_fail, A, "svd", None)
+
+    def always_nan(A):
+        return (torch.full_like(A, float("nan")),)
+
+    with pytest.raises(
+        DecompositionError,
+        match=_exact("eigh returned non-finite values in torch.float32 and float64 for shape (3, 2)"),
+    ):
+        _retry(always_nan, A, "eigh", None)
+
+
+def test_layout_messages():
+    with pytest.raises(
+        ValueError,
+        match=_exact("a piece is (offset, length) or (offset, length, count, stride), got (1, 2, 3)"),
+    ):
+        _as_piece((1, 2, 3))
+    with pytest.raises(ValueError, match=_exact("build_plan needs world_size when there are no layouts")):
+        build_plan([])
+
+
+def test_layout_values_and_messages():
+    from spectral_dist.distributed.layout import MatrixLayout, Piece, Plan, matrix_cost, row_block_layout
+
+    assert matrix_cost(()) == 0
+    assert matrix_cost((5,)) == 5
+    assert matrix_cost((6, 2, 2)) == 6 * 4 * 4
+    assert matrix_cost((2, 6)) == 2 * 6 * 2
+    assert _as_piece((3, 4)) == Piece(3, 4, 1, 4)
+    assert _as_piece([1, 2, 3, 5]) == Piece(1, 2, 3, 5)
+    lay = MatrixLayout("w", [2.0, 3], [[(0, 6)], [], [(0, 3), (3, 3)]])
+    assert lay.shape == (2, 3) and all(type(s) is int for s in lay.shape)
+    assert lay.holders() == [0, 2]
+    assert lay.holds_all(0) and not lay.holds_all(1) and not lay.holds_all(2)
+    assert MatrixLayout("s", (2, 3), [[Piece(0, 3, 2, 3)]]).holds_all(0)
+    assert not MatrixLayout("t", (2, 4), [[Piece(0, 2, 2, 4), Piece(2, 2, 2, 4)]]).holds_all(0)
+    assert row_block_layout("v", (6,), [(0, 2), (2, 4)]).slices == [[Piece(0, 2, 1, 2)], [Piece(2, 4, 1, 4)]]
+    a = MatrixLayout("a", (2, 2), [[(0, 4)], [(0, 4)]])
+    with pytest.raises(ValueError, match=_exact("duplicate matrix key 'a' in plan")):
+        Plan((a, a), {"a": 0}, 2)
+    with pytest.raises(ValueError, match=_exact("matrix 'a' has slices for 2 ranks, plan has 3")):
+        Plan((a,), {"a": 0}, 3)
+    plan = build_plan([a, MatrixLayout("b", (3, 3), [[(0, 9)], [(0, 9)]])])
+    assert plan.world_size == 2
+    assert sorted(plan.owned_numel(r) for r in range(2)) == [4, 9]
+    assert plan.owned_numel(plan.owner("b")) == 9
+    assert build_plan([], 3).world_size == 3
+    from spectral_dist.distributed.layout import _check_cover
+
+    overlap = MatrixLayout("o", (2, 3), [[(0, 4)], [(2, 2)]])  # 6 elements in all, two of them twice
+    with pytest.raises(ValueError) as e:
+        _check_cover(overlap)
+    assert str(e.value) in {
+        f"matrix 'o': pieces of different ranks overlap partially at elements {span}; pieces must be "
+        "identical replicas or disjoint"
+        for span in ("[2, 4)", "[0, 4)")
+    }
+
+
+# ---------------------------------------------------------------- exchange
+def test_exchange_names():
+    from spectral_dist.distributed.exchange import _names
+
+    assert _names(["a", "b"]) == "'a', 'b'"
+    assert _names(iter(["a", "b", "c"]), limit=2) == "'a', 'b' and 1 more"
+    assert _names(["a", "b"], limit=2) == "'a', 'b'"
+    assert _names(f"k{i}" for i in range(10)) == ", ".join(repr(f"k{i}") for i in range(8)) + " and 2 more"
+
+
+def test_exchange_errors_name_rank_and_matrix(monkeypatch):
+    from spectral_dist.distributed import exchange
+    from spectral_dist.distributed.layout import MatrixLayout, Plan
+
+    a = MatrixLayout("a", (2, 2), [[(0, 4)], [(0, 4)]])
+    plan2 = Plan((a,), {"a": 0}, 2)
+    with pytest.raises(ValueError, match=_exact("plan is for 2 ranks, process group has 1")):
+        exchange.gather_to_owners(plan2, {}, False)
+    with pytest.raises(
+        KeyError, match=re.escape("rank 1 holds 4 elements of matrix 'a' but passed no local data")
+    ):
+        exchange._local_flat({}, "a", 4, 1)
+    assert exchange._local_flat({}, "a", 0, 1).shape == (0,)
+    with pytest.raises(
+        ValueError, match=_exact("matrix 'a': rank 1 passed 3 local elements, its layout says 4")
+    ):
+        exchange._local_flat({"a": torch.zeros(3)}, "a", 4, 1)
+
+    one = Plan((MatrixLayout("a", (2, 2), [[(0, 4)]]),), {"a": 0}, 1)
+    with pytest.raises(KeyError, match=re.escape("rank 0 owns matrix 'a' but passed no result for it")):
+        exchange.scatter_from_owners(one, {}, False)
+    with pytest.raises(ValueError, match=_exact("matrix 'a': header has 2 numbers, expected 1")):
+        exchange.scatter_from_owners(one, {"a": (torch.zeros(2), None, None)}, False)
+    with pytest.raises(ValueError, match=_exact("matrix 'a': result has 3 elements, layout has 4")):
+        exchange.scatter_from_owners(one, {"a": (torch.zeros(1), torch.zeros(3), None)}, False)
+
+    class _Broken:
+        def all_to_all_single(self, *a, **k):
+            raise RuntimeError("peer died")
+
+    monkeypatch.setattr(exchange, "dist", _Broken())
+    with pytest.raises(
+        exchange.ExchangeError, match=_exact("gather_to_owners of matrices 'a', 'b' failed: peer died")
+    ):
+        exchange._collective(None, None, [], [], None, ["a", "b"], "gather_to_owners")
+
+
+def test_exchange_bytes_defaults():
+    from spectral_dist.distributed import exchange
+    from spectral_dist.distributed.layout import MatrixLayout, Plan
+
+    a = MatrixLayout("a", (2, 2), [[(0, 2)], [(2, 2)]])
+    plan = Plan((a,), {"a": 0}, 2)
+    sig = inspect.signature(exchange.exchange_bytes).parameters
+    assert sig["itemsize"].default == 4 and sig["header_size"].default == 0
+    assert exchange.exchange_bytes(plan, 0) == {"gather": 0, "scatter": 2 * 4}
+    assert exchange.exchange_bytes(plan, 1) == {"gather": 2 * 4, "scatter": 0}
+    assert exchange.exchange_bytes(plan, 0, keys=("a",), header_size=1) == {"gather": 0, "scatter": 3 * 4}
+    sig = inspect.signature(exchange.scatter_from_owners).parameters
+    assert sig["header_size"].default == 1 and sig["dtype"].default == torch.float32
+
+
+# ---------------------------------------------------------------- load_state_dict: matching and state entries
+def test_load_state_dict_needs_both_keys():
+    opt, _ = _named_opt()
+    for bad in ({"param_groups": []}, {"state": {}}, [("state", {}), ("param_groups", [])]):
+        with pytest.raises(
+            ValueError, match=r"^not an optimizer state dict: it needs 'state' and 'param_groups'$"
+        ):
+            opt.load_state_dict(bad)
+
+
+def test_load_state_dict_unlisted_state():
+    opt, _ = _named_opt()
+    sd = opt.state_dict()
+    sd["state"] = {99: {}}
+    with pytest.raises(
+        ValueError, match=_exact("the state dict has state for parameter 99, which no param group lists")
+    ):
+        opt.load_state_dict(sd)
+
+
+def test_load_state_dict_group_keys_stay_clean():
+    opt, _ = _named_opt()
+    before = set(opt.param_groups[0])
+    opt.load_state_dict(opt.state_dict())
+    assert set(opt.param_groups[0]) == before
+    assert all(isinstance(k, str) for k in opt.param_groups[0])
+
+
+def test_load_state_dict_unnamed_groups():
+    ps = [_p(), _p()]
+    opt = SpectralNewton(ps)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["momentum"] = 2.0
+    with pytest.raises(
+        ValueError, match=_exact("param group 0 (...) in the state dict: momentum must be in [0, 1), got 2.0")
+    ):
+        opt.load_state_dict(sd)
+    sd = opt.state_dict()
+    sd["state"] = {1: 7}
+    with pytest.raises(
+        ValueError, match=_exact("state of parameter 'group0.param1' must be a dict, got int")
+    ):
+        opt.load_state_dict(sd)
+    opt.load_state_dict(opt.state_dict())
+    assert "param_names" not in opt.param_groups[0]
+    named, _ = _named_opt()  # names on the saved side only: matched by position
+    opt.load_state_dict(named.state_dict())
+    assert "param_names" not in opt.param_groups[0] and opt.param_groups[0]["params"] == ps
+
+
+def test_load_state_dict_group_and_count_mismatch():
+    a, b = _p(), _p()
+    opt = SpectralNewton([{"params": [a], "param_names": ["a"]}, {"params": [b], "param_names": ["b"]}])
+    swapped = SpectralNewton(
+        [{"params": [_p()], "param_names": ["b"]}, {"params": [_p()], "param_names": ["a"]}]
+    )
+    with pytest.raises(
+        ValueError, match=_exact("parameter 'b' is in param group 1 here but in group 0 in the state dict")
+    ):
+        opt.load_state_dict(swapped.state_dict())
+    plain = SpectralNewton([a, b])
+    fewer = SpectralNewton([_p()])
+    with pytest.raises(
+        ValueError, match=_exact("param group 0 has 2 parameters here and 1 in the state dict")
+    ):
+        plain.load_state_dict(fewer.state_dict())
+
+
+def test_load_state_dict_missing_names_only():
+    opt, _ = _named_opt(("a", "b"))
+    other, _ = _named_opt(("a",))
+    with pytest.raises(ValueError) as e:
+        opt.load_state_dict(other.state_dict())
+    assert str(e.value).startswith(
+        "the state dict's parameter names do not match this optimizer's: missing ['b'], unexpected [] "
+    )
+
+
+def test_load_param_state_entries():
+    opt, (a, _) = _named_opt()
+    sd = opt.state_dict()
+    sd["state"] = {0: {"exp_avg": torch.zeros(4, 3, dtype=torch.long)}}
+    with pytest.raises(
+        ValueError, match=_exact("state 'exp_avg' of parameter 'a' must be floating point, got torch.int64")
+    ):
+        opt.load_state_dict(sd)
+    sd["state"] = {0: {"tracked": 5}}
+    with pytest.raises(ValueError, match=_exact("tracked state of parameter 'a' must be a dict")):
+        opt.load_state_dict(sd)
+    inner = torch.ones(2)
+    buf = torch.ones(4, 3)
+    sd["state"] = {0: {"extra": {"t": inner, "n": 3}, "momentum_buffer": buf, "step": 4}}
+    opt.load_state_dict(sd)
+    st = opt.state[a]
+    assert st["extra"]["n"] == 3 and st["step"] == 4
+    assert torch.equal(st["extra"]["t"], inner) and st["extra"]["t"] is not inner
+    assert torch.equal(st["momentum_buffer"], buf) and st["momentum_buffer"] is not buf
+
+
+# ---------------------------------------------------------------- spectral/ defaults
+def test_spectral_function_defaults():
+    from spectral_dist.spectral import direction
+
+    sig = inspect.signature
+    assert sig(direction.newton_schulz).parameters["eps"].default == 1e-7
+    assert sig(direction.newton_schulz).parameters["steps"].default == 5
+    assert sig(direction.eigenbasis_direction).parameters["refresh_every"].default == 10
+    tp = sig(direction.tracked_direction).parameters
+    assert (
+        tp["refresh_every"].default == 10
+        and tp["power_iters"].default == 1
+        and tp["residual"].default == "scaled"
+    )
