@@ -635,3 +635,193 @@ def test_spectral_function_defaults():
         and tp["power_iters"].default == 1
         and tp["residual"].default == "scaled"
     )
+
+
+# ---------------------------------------------------------------- counters of the failure paths, exactly
+def test_failure_counters_are_exact(monkeypatch):
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(6, 4))
+    V = nn.Parameter(torch.randn(6, 4))
+    opt = SpectralNewton([W], lr=0.1, basis="svd")
+    topt = SpectralNewton([V], lr=0.1, basis="tracked", rank=2, refresh_every=100)
+    for p, o in ((W, opt), (V, topt)):
+        p.grad = torch.randn(6, 4)
+        o.step()
+    assert topt.state[V]["tracked"]["step"] == 1
+    real = torch.linalg.svd
+
+    def f32_fails(A, *a, **k):
+        if A.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("float32 only")
+        return real(A, *a, **k)
+
+    monkeypatch.setattr(torch.linalg, "svd", f32_fails)
+    for _ in range(2):
+        W.grad = torch.randn(6, 4)
+        opt.step()
+    c = opt.state[W]["counters"]
+    assert (c["steps"], c["retries"], c["decomposition_failures"], c["consecutive_failures"]) == (3, 2, 0, 0)
+
+    def broken(*a, **k):
+        raise torch.linalg.LinAlgError("forced failure")
+
+    monkeypatch.setattr(torch.linalg, "svd", broken)
+    for i in (1, 2):
+        V.grad = torch.randn(6, 4)
+        topt.step()
+        W.grad = torch.randn(6, 4)
+        opt.step()
+        c, tc = opt.state[W]["counters"], topt.state[V]["counters"]
+        assert (c["steps"], c["decomposition_failures"], c["consecutive_failures"], c["fallbacks"]) == (
+            3,
+            i,
+            i,
+            0,
+        )
+        assert (tc["steps"], tc["decomposition_failures"], tc["consecutive_failures"], tc["fallbacks"]) == (
+            1 + i,
+            i,
+            i,
+            i,
+        )
+        assert tc["retries"] == i and topt.state[V]["tracked"]["step"] == 1
+    W.grad = torch.randn(6, 4)
+    with pytest.raises(DecompositionError):
+        opt.step()
+    assert opt.state[W]["counters"]["decomposition_failures"] == 3
+    monkeypatch.setattr(torch.linalg, "svd", real)
+    V.grad = torch.randn(6, 4)
+    topt.step()
+    tc = topt.state[V]["counters"]
+    assert (tc["steps"], tc["decomposition_failures"], tc["consecutive_failures"], tc["fallbacks"]) == (
+        4,
+        2,
+        0,
+        2,
+    )
+    tr = topt.state[V]["tracked"]
+    assert tr["step"] == 2 and tr["basis"].shape == (4, 2) and tr["basis"].dtype == torch.float32
+    assert topt.stats()["group0.param0"] == dict(
+        kind="spectral", steps=4, skipped=0, retries=2, refreshes=1, decomposition_failures=2, fallbacks=2
+    )
+
+
+def test_skips_are_counted():
+    p = _p()
+    opt = SpectralNewton([p], max_consecutive_skips=3)
+    for _ in range(2):
+        p.grad = torch.full_like(p, float("nan"))
+        opt.step()
+    assert opt.stats()["group0.param0"]["skipped"] == 2
+    assert opt.state[p]["counters"]["consecutive_skips"] == 2
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[p]["counters"]["consecutive_skips"] == 0
+    assert opt.stats()["group0.param0"]["skipped"] == 2
+
+
+def test_adamw_part_matches_torch_adamw():
+    torch.manual_seed(1)
+    a, b, c = (nn.Parameter(torch.randn(5)) for _ in range(3))
+    ref = [nn.Parameter(t.detach().clone()) for t in (b, c)]
+    opt = SpectralNewton([a, b, c], lr=0.05, adamw_weight_decay=0.1)
+    topt = torch.optim.AdamW(ref, lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    a0 = a.detach().clone()
+    for _ in range(3):
+        g1, g2 = torch.randn(5), torch.randn(5)
+        a.grad = None  # no gradient: left alone, the others still step
+        b.grad, c.grad = g1.clone(), g2.clone()
+        ref[0].grad, ref[1].grad = g1.clone(), g2.clone()
+        opt.step()
+        topt.step()
+    assert torch.equal(a, a0)
+    torch.testing.assert_close(b, ref[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(c, ref[1], rtol=1e-6, atol=1e-7)
+    assert opt.state[b]["adam_step"] == 3 and opt.state[c]["adam_step"] == 3
+
+
+# ---------------------------------------------------------------- spectral/: options reach the methods
+def _fail_in_float32(real):
+    def f(A, *a, **k):
+        if A.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("float32 only")
+        return real(A, *a, **k)
+
+    return f
+
+
+def test_direction_retries_are_counted(monkeypatch):
+    from spectral_dist.spectral import direction
+
+    torch.manual_seed(0)
+    G = torch.randn(6, 4)
+    monkeypatch.setattr(torch.linalg, "svd", _fail_in_float32(torch.linalg.svd))
+    want = {"svd": ({"retries": 1}, {"retries": 2}), "tracked": ({"retries": 2}, {"retries": 3})}
+    want["eigenbasis"] = ({"retries": 1}, {"retries": 1})
+    for method, (first, second) in want.items():
+        counter, state = {}, {}
+        direction.spectral_direction(G, 1.0, method=method, counter=counter, state=state, rank=2)
+        assert counter.get("retries") == first["retries"], method
+        direction.spectral_direction(G, 1.0, method=method, counter=counter, state=state, rank=2)
+        assert counter.get("retries") == second["retries"], method
+
+
+def test_cholesky_retry_is_counted(monkeypatch):
+    from spectral_dist.spectral import direction
+
+    torch.manual_seed(0)
+    G = torch.randn(6, 4)
+    real = torch.linalg.cholesky_ex
+
+    def fails_in_float32(A, *a, **k):
+        L, info = real(A, *a, **k)
+        return L, (torch.ones_like(info) if A.dtype == torch.float32 else info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", fails_in_float32)
+    counter = {}
+    D = direction.spectral_direction(G, 2.0, method="cholesky", counter=counter)
+    assert counter == {"retries": 1} and D.dtype == torch.float32
+    direction.spectral_direction(G, 2.0, method="cholesky", counter=counter)
+    assert counter == {"retries": 2}
+    torch.testing.assert_close(D, direction.spectral_direction(G, 2.0, method="svd"), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape, basis", [((3, 6), (6, 3)), ((6, 3), (3, 3))])
+def test_rank_is_capped_by_both_sides(shape, basis):
+    from spectral_dist.spectral import direction
+
+    for fn in (direction.tracked_direction, direction.eigenbasis_direction):
+        state = {}
+        fn(torch.randn(*shape), 1.0, 1e-4, state, 5)
+        assert tuple(state["basis"].shape) == basis, fn.__name__
+
+
+def test_batched_tracked_keeps_rank():
+    from spectral_dist.spectral import direction
+
+    state = {}
+    direction.spectral_direction(torch.randn(2, 3, 6), 1.0, method="tracked", rank=2, state=state)
+    assert [tuple(s["basis"].shape) for s in state["batch"]] == [(6, 2), (6, 2)]
+
+
+def test_methods_and_steps_reach_the_implementation(monkeypatch):
+    from spectral_dist.spectral import direction
+
+    torch.manual_seed(0)
+    G = torch.randn(6, 4)
+    eig = direction.spectral_direction(G, 1.0, method="eigenbasis", rank=2)
+    assert torch.equal(eig, direction.eigenbasis_direction(G, 1.0, 1e-4, {}, 2))
+    ns2 = direction.spectral_direction(G, 1.0, method="newton_schulz", ns_steps=2)
+    assert torch.equal(ns2, direction.newton_schulz(G, steps=2)) and not torch.equal(
+        ns2, direction.newton_schulz(G)
+    )
+    pe2 = direction.spectral_direction(G, 1.0, method="polar_express", ns_steps=2)
+    assert torch.equal(pe2, direction.polar_express(G, steps=2)) and not torch.equal(
+        pe2, direction.polar_express(G)
+    )
+    monkeypatch.setattr(direction, "newton_schulz", lambda X, **k: X * float("nan"))
+    with pytest.raises(
+        DecompositionError,
+        match=_exact("method='newton_schulz' produced non-finite values for finite G of shape (6, 4)"),
+    ):
+        direction.spectral_direction(G, 1.0, method="newton_schulz")
