@@ -825,3 +825,56 @@ def test_methods_and_steps_reach_the_implementation(monkeypatch):
         match=_exact("method='newton_schulz' produced non-finite values for finite G of shape (6, 4)"),
     ):
         direction.spectral_direction(G, 1.0, method="newton_schulz")
+
+
+# ---------------------------------------------------------------- DeepSpeed version gate and ZeRO kinds
+def test_deepspeed_version_gate(monkeypatch):
+    from spectral_dist.integrations import deepspeed_compat as dc
+
+    monkeypatch.delenv(dc.ALLOW_ENV, raising=False)
+    tested = ", ".join(v for vs in dc.TESTED_VERSIONS.values() for v in vs)
+    with pytest.raises(dc.UnsupportedDeepSpeedError) as e:
+        dc.check_version("0.18.1+cu12")
+    assert str(e.value) == (
+        f"DeepSpeed 0.18.1+cu12 is not a version spectral_newton's ZeRO integration was tested with ({tested}); "
+        "it reads ZeRO's partition layout from private attributes that change between releases. Install a "
+        f"tested version (pip install 'spectral-dist[deepspeed]'), or set {dc.ALLOW_ENV}=1 to try anyway "
+        "(tests/test_deepspeed.py then tells whether results still equal one process)"
+    )
+    minor = next(iter(dc.TESTED_VERSIONS))
+    assert dc.check_version(f"{minor}+local") == f"{minor}+local"
+    assert dc.check_version(f"{minor}.99") == f"{minor}.99"
+    monkeypatch.setenv(dc.ALLOW_ENV, "1")
+    assert dc.check_version("0.18.1") == "0.18.1"
+
+
+def test_deepspeed_installed_version_and_zero_kinds(monkeypatch):
+    deepspeed = pytest.importorskip("deepspeed")
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from spectral_dist.integrations import deepspeed_compat as dc
+    from spectral_dist.integrations.deepspeed import SpectralConfigError
+
+    monkeypatch.setenv(dc.ALLOW_ENV, "1")
+    assert dc.check_version() == deepspeed.__version__
+    fakes = {
+        "stage3": DeepSpeedZeroOptimizer_Stage3.__new__(DeepSpeedZeroOptimizer_Stage3),
+        "stage12": DeepSpeedZeroOptimizer.__new__(DeepSpeedZeroOptimizer),
+        "bf16": BF16_Optimizer.__new__(BF16_Optimizer),
+    }
+    for kind, z in fakes.items():
+        assert dc.zero_kind(z) == kind
+        monkeypatch.setattr(dc, "_" + kind, lambda zopt, kind=kind: [kind, zopt])
+    for kind, z in fakes.items():
+        got_kind, entries = dc.partition_entries(z)
+        assert got_kind == kind and entries[0] == kind and entries[1] is z
+    with pytest.raises(
+        SpectralConfigError,
+        match=_exact(
+            "DeepSpeed wrapped the optimizer in SGD, which spectral_newton does not support: "
+            "set zero_optimization.stage to 1, 2 or 3 with offload disabled"
+        ),
+    ):
+        dc.zero_kind(torch.optim.SGD([_p()], lr=0.1))

@@ -1,8 +1,9 @@
 """Mutation score per file from ``mutmut results --all true`` (run from the checkout root after ``mutmut run``).
 
 Prints, per mutated file and in total: mutants, killed (incl. timeouts), survived, no tests, not checked, and
-killed / mutants. Usage: ``python tests/mutation/score.py [--md] [--list]`` (``--md``: a Markdown table;
-``--list``: every mutant not killed).
+killed / mutants. Usage: ``python tests/mutation/score.py [--md] [--list] [--results FILE]`` (``--md``: a
+Markdown table; ``--list``: every mutant not killed; ``--results``: read a saved ``mutmut results --all true``
+listing, e.g. one written by ``tests/mutation/merge.py``, instead of asking mutmut).
 """
 
 from __future__ import annotations
@@ -14,13 +15,21 @@ import sys
 KILLED = {"killed", "timeout"}
 
 
-def main(argv: list[str]) -> int:
-    out = subprocess.run(
+def results_text(argv: list[str]) -> str:
+    """``mutmut results --all true``, or the file after ``--results`` in argv."""
+    if "--results" in argv:
+        with open(argv[argv.index("--results") + 1], encoding="utf-8") as f:
+            return f.read()
+    return subprocess.run(
         [sys.executable, "-m", "mutmut", "results", "--all", "true"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
+
+
+def main(argv: list[str]) -> int:
+    out = results_text(argv)
     rows = [line.strip().rsplit(": ", 1) for line in out.splitlines() if "__mutmut_" in line]
     per_file: dict = collections.defaultdict(collections.Counter)
     for name, status in rows:

@@ -1,6 +1,8 @@
 """The mutants that a ``mutmut run`` left alive, as Markdown: one row per mutant with its diff and a category.
 
-Usage (checkout root, after ``mutmut run``): ``python tests/mutation/survivors.py > survivors.md``.
+Usage (checkout root, after ``mutmut run``): ``python tests/mutation/survivors.py [--results FILE] > survivors.md``
+(``--results``: a saved ``mutmut results --all true`` listing, e.g. from ``tests/mutation/merge.py``; the diffs
+still come from ``mutants/``).
 
 The category is a *heuristic* from the diff's text, for triage, not a proof of equivalence:
 
@@ -25,13 +27,17 @@ from pathlib import Path
 KILLED = {"killed", "timeout"}
 
 
-def _rows():
-    out = subprocess.run(
-        [sys.executable, "-m", "mutmut", "results", "--all", "true"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+def _rows(argv: list[str] | None = None):
+    argv = argv or []
+    if "--results" in argv:
+        out = Path(argv[argv.index("--results") + 1]).read_text(encoding="utf-8")
+    else:
+        out = subprocess.run(
+            [sys.executable, "-m", "mutmut", "results", "--all", "true"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     return [line.strip().rsplit(": ", 1) for line in out.splitlines() if "__mutmut_" in line]
 
 
@@ -81,8 +87,8 @@ def category(minus: list[str], plus: list[str], sig: bool) -> str:
     return "open"
 
 
-def main() -> int:
-    rows = [(n, s) for n, s in _rows() if s not in KILLED]
+def main(argv: list[str] | None = None) -> int:
+    rows = [(n, s) for n, s in _rows(argv) if s not in KILLED]
     cache: dict[str, dict[str, str]] = {}
     print("| file | mutant | status | category | original | mutant |")
     print("|---|---|---|---|---|---|")
@@ -110,4 +116,4 @@ def _cell(lines: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
