@@ -878,3 +878,99 @@ def test_deepspeed_installed_version_and_zero_kinds(monkeypatch):
         ),
     ):
         dc.zero_kind(torch.optim.SGD([_p()], lr=0.1))
+
+
+# ---------------------------------------------------------------- exchange: the process group reaches every call
+class _GroupDist:
+    """torch.distributed for 2 threads that records the group argument of every call."""
+
+    def __init__(self, world, backend="gloo"):
+        import threading
+
+        self.world, self.backend, self.local = world, backend, threading.local()
+        self.barrier = threading.Barrier(world)
+        self.box: dict = {}
+        self.groups: list = []
+
+    def get_rank(self, group=None):
+        self.groups.append(group)
+        return self.local.rank
+
+    def get_world_size(self, group=None):
+        self.groups.append(group)
+        return self.world
+
+    def get_backend(self, group=None):
+        self.groups.append(group)
+        return self.backend
+
+    def all_to_all_single(self, out, inp, output_split_sizes=None, input_split_sizes=None, group=None):
+        self.groups.append(group)
+        r = self.local.rank
+        self.box[r] = list(torch.split(inp, input_split_sizes))
+        self.barrier.wait()
+        got = [self.box[s][r] for s in range(self.world)]
+        self.barrier.wait()
+        out.copy_(torch.cat(got))
+        self.barrier.wait()
+
+
+def test_comm_device_by_backend(monkeypatch):
+    from spectral_dist.distributed import exchange
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    group = object()
+    for backend, want in (
+        ("NCCL", torch.device("cuda", 3)),
+        ("nccl", torch.device("cuda", 3)),
+        ("gloo", "cpu"),
+    ):
+        fake = _GroupDist(1, backend)
+        monkeypatch.setattr(exchange, "dist", fake)
+        assert exchange.comm_device(group) == torch.device(want)
+        assert fake.groups == [group]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(exchange, "dist", _GroupDist(1, "nccl"))
+    assert exchange.comm_device(group) == torch.device("cpu")
+
+
+def test_exchange_passes_the_group(monkeypatch):
+    import threading
+
+    from spectral_dist.distributed import exchange
+    from spectral_dist.distributed.layout import MatrixLayout, Plan
+
+    lay = MatrixLayout("w", (2, 3), [[(0, 3)], [(3, 3)]])
+    plan = Plan((lay,), {"w": 0}, 2)
+    truth = torch.arange(6, dtype=torch.float32)
+    fake = _GroupDist(2)
+    monkeypatch.setattr(exchange, "dist", fake)
+    group, out, errors = object(), [None, None], []
+
+    def run(rank):
+        fake.local.rank = rank
+        try:
+            local = {"w": truth[3 * rank : 3 * rank + 3]}
+            full = exchange.gather_to_owners(plan, local, group, dtype=torch.float64)
+            res = {k: (torch.tensor([7.0]), 2 * v.reshape(-1), None) for k, v in full.items()}
+            back = exchange.scatter_from_owners(plan, res, group, dtype=torch.float64)
+            out[rank] = (full, back)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+            fake.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors, errors
+    full = out[0][0]["w"]
+    assert full.dtype == torch.float64 and torch.equal(full, truth.double().view(2, 3))
+    assert out[1][0] == {}
+    for rank in range(2):
+        h, local, extra = out[rank][1]["w"]
+        assert torch.equal(h, torch.tensor([7.0], dtype=torch.float64)) and extra is None
+        assert torch.equal(local, 2 * truth[3 * rank : 3 * rank + 3].double())
+    assert fake.groups and all(g is group for g in fake.groups)
