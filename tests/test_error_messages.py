@@ -5,6 +5,7 @@ including the offending value or name, so that a changed, dropped or mangled mes
 (they are part of the mutation tier, docs/testing.md)."""
 
 import inspect
+import math
 import re
 
 import pytest
@@ -974,3 +975,40 @@ def test_exchange_passes_the_group(monkeypatch):
         assert torch.equal(h, torch.tensor([7.0], dtype=torch.float64)) and extra is None
         assert torch.equal(local, 2 * truth[3 * rank : 3 * rank + 3].double())
     assert fake.groups and all(g is group for g in fake.groups)
+
+
+# ---------------------------------------------------------------- decompose and transform
+def test_robust_decompositions_name_themselves(monkeypatch):
+    from spectral_dist.spectral.decompose import robust_eigh, robust_svd
+
+    A = torch.eye(3)[:, :2].contiguous()
+
+    def broken(*a, **k):
+        raise torch.linalg.LinAlgError("forced")
+
+    monkeypatch.setattr(torch.linalg, "svd", broken)
+    with pytest.raises(
+        DecompositionError, match=_exact("SVD failed in torch.float32 and float64 for shape (3, 2)")
+    ):
+        robust_svd(A)
+    monkeypatch.setattr(torch.linalg, "eigh", _fail_in_float32(torch.linalg.eigh))
+    counter = {"retries": 4}
+    evals, _ = robust_eigh(torch.eye(2), counter)
+    assert counter == {"retries": 5} and evals.dtype == torch.float32
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    with pytest.raises(
+        DecompositionError, match=_exact("eigh failed in torch.float32 and float64 for shape (2, 2)")
+    ):
+        robust_eigh(torch.eye(2))
+
+
+def test_transform_values():
+    from spectral_dist.spectral.transform import rank_floor, spectral_transform
+
+    f = rank_floor(4, 3, torch.float32)
+    assert f == pytest.approx(4 * torch.finfo(torch.float32).eps)
+    assert rank_floor(4, 3, torch.float32, squared=True) == pytest.approx(math.sqrt(f))
+    assert rank_floor(4, 3, torch.float32, squared=True) != pytest.approx(f)
+    torch.testing.assert_close(
+        spectral_transform(torch.tensor([0.5, 0.25]), 0.0, 0.0), torch.tensor([0.5, 0.25])
+    )
