@@ -1012,3 +1012,23 @@ def test_transform_values():
     torch.testing.assert_close(
         spectral_transform(torch.tensor([0.5, 0.25]), 0.0, 0.0), torch.tensor([0.5, 0.25])
     )
+
+
+def test_build_plan_lpt_by_hand():
+    from spectral_dist.distributed.layout import replicated_layout
+
+    def lays(*specs):
+        return [replicated_layout(k, s, 2) for k, s in specs]
+
+    # costs 64, 27, 8, 8 (numel 16, 9, 8, 4): LPT puts 64 on rank 0, 27 then 8 (numel 8) then 8 on rank 1
+    plan = build_plan(lays(("a", (4, 4)), ("b", (3, 3)), ("c", (8, 1)), ("d", (2, 2))))
+    assert plan.owners == {"a": 0, "b": 1, "c": 1, "d": 1}
+    assert plan.loads() == [64, 43]
+    # equal cost, the larger matrix first: c (numel 8) before d (numel 4)
+    assert build_plan(lays(("d", (2, 2)), ("c", (8, 1)))).owners == {"c": 0, "d": 1}
+    # empty matrices cost nothing: the count of matrices breaks the tie
+    empty = build_plan(lays(*((k, (0, 3)) for k in "abcd")))
+    assert empty.owners == {"a": 0, "b": 1, "c": 0, "d": 1}
+    one = build_plan(lays(("a", (4, 4))))
+    assert one.world_size == 2 and one.owners == {"a": 0}
+    assert [rt.key for rt in one.routes["a"]] == ["a"]
