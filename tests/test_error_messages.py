@@ -1032,3 +1032,30 @@ def test_build_plan_lpt_by_hand():
     one = build_plan(lays(("a", (4, 4))))
     assert one.world_size == 2 and one.owners == {"a": 0}
     assert [rt.key for rt in one.routes["a"]] == ["a"]
+
+
+# ---------------------------------------------------------------- update paths: non-contiguous and half precision
+def test_channels_last_and_half_precision_updates():
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(4, 3, 3, 3).to(memory_format=torch.channels_last))
+    V = nn.Parameter(torch.randn(6, 4))
+    H = nn.Parameter(torch.randn(6, 4).to(torch.bfloat16))
+    W2, V2 = nn.Parameter(W.detach().contiguous().clone()), nn.Parameter(V.detach().clone())
+    H2 = nn.Parameter(H.detach().float().clone())
+    assert not W.is_contiguous()
+    opt = SpectralNewton([W, V, H], lr=0.1, weight_decay=0.5)
+    ref = SpectralNewton([W2, V2, H2], lr=0.1, weight_decay=0.5)
+    w0 = W.detach().clone()
+    for _ in range(2):
+        for p, q in ((W, W2), (V, V2), (H, H2)):
+            g = torch.randn(p.shape)
+            p.grad, q.grad = g.to(p.dtype), g.to(q.dtype)
+        opt.step()
+        ref.step()
+    assert not torch.allclose(W, w0)
+    torch.testing.assert_close(W.detach().contiguous(), W2.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(V.detach(), V2.detach(), rtol=1e-5, atol=1e-6)
+    master = opt.state[H]["master"]
+    assert master.dtype == torch.float32 and H.dtype == torch.bfloat16
+    assert torch.equal(H.detach(), master.to(torch.bfloat16))
+    torch.testing.assert_close(master, H2.detach(), rtol=2e-2, atol=2e-2)
