@@ -1059,3 +1059,66 @@ def test_channels_last_and_half_precision_updates():
     assert master.dtype == torch.float32 and H.dtype == torch.bfloat16
     assert torch.equal(H.detach(), master.to(torch.bfloat16))
     torch.testing.assert_close(master, H2.detach(), rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------- finish_matrix on a rank that is not the owner
+class _Slot:
+    """The part of a matrix slot that finish_matrix reads on its failure paths."""
+
+    def __init__(self, group, key="blocks.0.w"):
+        self.group, self.key, self._meta = group, key, {}
+
+    def meta(self):
+        return self._meta
+
+
+class _Result:
+    def __init__(self, exc=None, error="boom"):
+        self.exc, self.error = exc, error
+
+
+def test_finish_matrix_failure_errors_name_matrix_and_owner():
+    from spectral_dist.optim import matrix_step as ms
+
+    opt = _opt()
+    slot = _Slot(opt.param_groups[0])
+    assert opt.finish_matrix(slot, ms.SKIP, None, None, 0, 0, None, 1) is None
+    err = opt.finish_matrix(slot, ms.RAISE, None, None, 0, 0, None, 1)
+    assert isinstance(err, DecompositionError)
+    assert str(err) == (
+        "the decomposition of 'blocks.0.w' failed 2 times in a row on its owner rank 1; see that rank's error"
+    )
+    exc = DecompositionError("owner's own error")
+    assert opt.finish_matrix(slot, ms.RAISE, None, None, 0, 0, _Result(exc), 1) is exc
+    err = opt.finish_matrix(slot, ms.RAISE, None, None, 0, 0, _Result(None), 2)
+    assert str(err) == (
+        "the decomposition of 'blocks.0.w' failed 4 times in a row on its owner rank 2; see that rank's error"
+    )
+    err = opt.finish_matrix(slot, ms.ERROR, None, None, 0, 0, _Result(None, "ValueError: bad"), 3)
+    assert type(err) is RuntimeError
+    assert str(err) == "computing the direction of 'blocks.0.w' failed on its owner rank 3: ValueError: bad"
+    err = opt.finish_matrix(slot, ms.ERROR, None, None, 0, 0, None, 0)
+    assert (
+        str(err)
+        == "computing the direction of 'blocks.0.w' failed on its owner rank 0; see that rank's error"
+    )
+    c = slot.meta()["counters"]
+    assert (c["decomposition_failures"], c["consecutive_failures"], c["steps"]) == (6, 6, 0)
+
+
+def test_check_method_messages():
+    from spectral_dist.spectral.direction import _check_method
+
+    with pytest.raises(
+        ValueError, match=_exact("method='cholesky' is exact for alpha = 0 or 2 only, got alpha=1.0")
+    ):
+        _check_method("cholesky", 1.0)
+    with pytest.raises(ValueError, match=r"^method must be one of .*, got 'qr'$"):
+        _check_method("qr", 1.0)
+    with pytest.raises(
+        ValueError,
+        match=_exact("method='newton_schulz' computes the polar factor and needs alpha=1, got alpha=2.0"),
+    ):
+        _check_method("newton_schulz", 2.0)
+    _check_method("cholesky", 2.0)
+    _check_method("cholesky", 0.0)
