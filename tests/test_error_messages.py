@@ -1122,3 +1122,23 @@ def test_check_method_messages():
         _check_method("newton_schulz", 2.0)
     _check_method("cholesky", 2.0)
     _check_method("cholesky", 0.0)
+
+
+def test_spectral_defaults_by_behaviour():
+    """The documented defaults, by what they do: the same numbers as passing them explicitly."""
+    from spectral_dist.spectral import direction
+
+    torch.manual_seed(0)
+    G = torch.randn(6, 4)
+    assert torch.equal(direction.newton_schulz(G), direction.newton_schulz(G, steps=5, eps=1e-7))
+    for fn, explicit in (
+        (direction.eigenbasis_direction, dict(refresh_every=10)),
+        (direction.tracked_direction, dict(refresh_every=10, power_iters=1)),
+    ):
+        s_default, s_explicit = {}, {}
+        for i in range(12):
+            Gi = G + 0.3 * torch.randn(6, 4, generator=torch.Generator().manual_seed(i))
+            a = fn(Gi, 1.0, 1e-4, s_default, 2)
+            b = fn(Gi, 1.0, 1e-4, s_explicit, 2, **explicit)
+            assert torch.equal(a, b), (fn.__name__, i)
+            assert torch.equal(s_default["basis"], s_explicit["basis"]), (fn.__name__, i)
