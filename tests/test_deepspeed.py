@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_helpers import free_port
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,14 +201,8 @@ def worker(out_dir: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- parent
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_workers(out_dir: Path, timeout: float = 420) -> dict:
-    port = _free_port()
+    port = free_port()
     procs = []
     for r in range(WORLD):
         env = dict(

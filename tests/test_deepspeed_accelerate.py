@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_helpers import free_port
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def test_accelerate_launch_matches_single_process(tmp_path, stage):
         "--config_file",
         str(ROOT / "configs" / "accelerate" / f"deepspeed_test_zero{stage}.yaml"),
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         __file__,
         "--worker",
         str(out),
@@ -109,14 +110,6 @@ def test_accelerate_launch_matches_single_process(tmp_path, stage):
         assert not torch.equal(
             got["final"][name], dict(__import__("test_deepspeed").make_model(0).named_parameters())[name]
         )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

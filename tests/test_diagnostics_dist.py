@@ -6,22 +6,16 @@ Shapes include dimensions not divisible by 2 (uneven and single-row shards).
 """
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_helpers import free_port
 from torch import nn
 
 from spectral_dist.diagnostics import GradientSketch, SketchSlice, TrajectoryMonitor
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _close(a, b, what):
@@ -120,4 +114,4 @@ def _worker(rank, port):
 
 def test_two_process_sketches_match_full_tensor():
     os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import wandb_tap
+from dist_helpers import free_port
 from hf_trainer_script import STEPS, ByteCorpus, diagnostics_callback, make_args, make_model
 
 from spectral_dist.integrations.hf import (
@@ -243,12 +243,6 @@ def test_trainer_single_process(offline_wandb):
     assert diag.monitor.num_sketches == STEPS
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(launcher: list[str], out: Path, *script_args: str, env_extra=None, expect_ok=True) -> list[dict]:
     """Run ``launcher tests/hf_trainer_script.py out *script_args`` (2 CPU processes); the per-rank results."""
     env = dict(
@@ -281,7 +275,7 @@ def _ddp_launcher() -> list[str]:
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
     ]
 
 
@@ -298,7 +292,7 @@ def test_trainer_kill_and_resume_is_exact(tmp_path, engine):
         env["ACCELERATE_USE_CPU"] = "true"
 
     def launcher():
-        return _ddp_launcher() if engine == "ddp" else [*_torchrun(), "--master_port", str(_free_port())]
+        return _ddp_launcher() if engine == "ddp" else [*_torchrun(), "--master_port", str(free_port())]
 
     full, killed = tmp_path / "full", tmp_path / "killed"
     full.mkdir(), killed.mkdir()
@@ -405,7 +399,7 @@ def test_trainer_accelerate_launch_two_processes(offline_wandb, monkeypatch):
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         str(ROOT / "tests" / "hf_trainer_script.py"),
         str(tmp),
     ]
@@ -471,7 +465,7 @@ def test_trainer_deepspeed_zero2_matches_plain(offline_wandb):
         WORLD_SIZE="1",
         LOCAL_WORLD_SIZE="1",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
     )
     cmd = [sys.executable, str(ROOT / "tests" / "hf_trainer_script.py"), str(tmp), str(cfg)]
     try:
@@ -514,7 +508,7 @@ def test_trainer_deepspeed_two_processes_match_one_process(offline_wandb, stage)
     cfg = ROOT / "configs" / "deepspeed" / f"zero{stage}_spectral_newton.json"
     out = tmp / "ds"
     out.mkdir()
-    port = ["--master_port", str(_free_port())]
+    port = ["--master_port", str(free_port())]
     if stage == 2:
         res = _launch([*_torchrun(), *port], out, str(cfg))
     else:
@@ -554,7 +548,7 @@ def test_trainer_fsdp2_two_processes_match_one_process(offline_wandb, monkeypatc
     tmp = offline_wandb
     out = tmp / "fsdp2"
     out.mkdir()
-    res = _launch([*_torchrun(), "--master_port", str(_free_port())], out, "fsdp2-cpu")
+    res = _launch([*_torchrun(), "--master_port", str(free_port())], out, "fsdp2-cpu")
     for rank, x in enumerate(res):
         assert (x["world"], x["num_processes"], x["process_index"]) == (2, 2, rank)
         assert x["distributed_type"] == "DistributedType.FSDP"

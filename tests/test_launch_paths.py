@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from dist_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -72,26 +72,20 @@ MAX_PARALLEL = 3
 TIMEOUT = 900
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _jobs(base: Path) -> dict:
     """name -> (command, env, cwd)."""
     jobs = {}
     torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2"]
     script = str(ROOT / "tests" / "ds_configs_script.py")
     jobs["ds-initialize"] = (
-        [*torchrun, "--master_port", str(_port()), script, str(base / "ds"), "initialize"],
+        [*torchrun, "--master_port", str(free_port()), script, str(base / "ds"), "initialize"],
         ENV,
         ROOT,
     )
     for name in HF_CONFIGS:
         cfg = str(ROOT / "configs" / "deepspeed" / name)
         jobs[f"hf-{name}"] = (
-            [*torchrun, "--master_port", str(_port()), script, str(base / "ds"), "trainer", cfg],
+            [*torchrun, "--master_port", str(free_port()), script, str(base / "ds"), "trainer", cfg],
             ENV,
             ROOT,
         )
@@ -103,7 +97,7 @@ def _jobs(base: Path) -> dict:
         GPUS_PER_NODE="1",
     )
     for engine, cfg in SLURM.items():
-        env = dict(slurm_env, ACCEL_CONFIG=cfg, MASTER_PORT=str(_port()))
+        env = dict(slurm_env, ACCEL_CONFIG=cfg, MASTER_PORT=str(free_port()))
         cmd = [
             "sbatch",
             "--nodes",
@@ -116,14 +110,14 @@ def _jobs(base: Path) -> dict:
         jobs[f"slurm-{engine}"] = (cmd, env, ROOT)
     one = [str(BIN / "accelerate"), "launch", "--config_file", "configs/accelerate/cpu.yaml"]
     jobs["one"] = (
-        [*one, "--main_process_port", str(_port()), "-m", "recipes.vit_imagenet", *RECIPE]
+        [*one, "--main_process_port", str(free_port()), "-m", "recipes.vit_imagenet", *RECIPE]
         + ["--batch_size", str(2 * MICRO), "--output_dir", str(base / "one")],
         ENV,
         ROOT,
     )
     # asked for 2 processes, got 1 (no --multi_gpu on a machine without GPUs): the recipe and the Trainer stop
     fewer = [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1"]
-    fewer += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port())]
+    fewer += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     jobs["fewer-recipe"] = (
         [*fewer, "-m", "recipes.vit_imagenet", *RECIPE, "--output_dir", str(base / "fewer")],
         ENV,
@@ -148,7 +142,7 @@ def _jobs(base: Path) -> dict:
         + ["--lrs", "0.001", "--seeds", "0", "--max_steps", "1", "--output_root", "runs", "--extra", extra]
         + [
             "--launcher",
-            f"accelerate launch --config_file configs/accelerate/cpu.yaml --main_process_port {_port()}",
+            f"accelerate launch --config_file configs/accelerate/cpu.yaml --main_process_port {free_port()}",
         ]
         + ["--run"],
         dict(ENV, PYTHONPATH=str(site)),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import wandb_tap
+from dist_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -89,19 +89,13 @@ MAX_PARALLEL = 3
 TIMEOUT = 600
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(launch_args, recipe, out: Path, extra=(), as_file=False):
     cmd = [
         ACCELERATE,
         "launch",
         *launch_args,
         "--main_process_port",
-        str(_port()),
+        str(free_port()),
         *([f"recipes/{recipe}.py"] if as_file else ["-m", f"recipes.{recipe}"]),
         *COMMON,
         *TINY[recipe],

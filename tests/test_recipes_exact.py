@@ -14,7 +14,6 @@ with a message naming the fix when it is not.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import wandb_tap
+from dist_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -148,12 +148,6 @@ MAX_PARALLEL = 3
 TIMEOUT = 900
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cmd(recipe, mode, out: Path, extra=()):
     launch = list(LAUNCH[mode])  # fsdp2.yaml as shipped: the recipe names its block (ViTLayer, GPT2Block)
     batch = 2 * MICRO if mode == "one" else MICRO
@@ -162,7 +156,7 @@ def _cmd(recipe, mode, out: Path, extra=()):
         "launch",
         *launch,
         "--main_process_port",
-        str(_port()),
+        str(free_port()),
         "-m",
         f"recipes.{recipe}",
         *COMMON,
