@@ -120,6 +120,11 @@ def _enabled(cfg: Mapping, key: str) -> bool:
     return isinstance(sec, Mapping) and sec.get("enabled", False) is True  # "auto" is decided later
 
 
+# SpectralNewton options whose "auto" is the option's own value (basis="auto" is the default basis,
+# alpha="auto" the online estimate), not a placeholder for accelerate or the HF Trainer to fill in
+OWN_AUTO_OPTIONS = ("alpha", "basis")
+
+
 def check_config(cfg: Mapping) -> dict:
     """Validate a spectral_newton DeepSpeed config; return ``optimizer.params``.
 
@@ -192,7 +197,7 @@ def check_config(cfg: Mapping) -> dict:
             f"optimizer.params has unknown spectral_newton option(s) {unknown}: use only {sorted(allowed)}"
         )
     for k, v in params.items():
-        if v == "auto" and k not in ("alpha", "basis"):  # basis="auto" is SpectralNewton's own default
+        if v == "auto" and k not in OWN_AUTO_OPTIONS:
             raise SpectralConfigError(
                 f'optimizer.params.{k}="auto" is not resolved for spectral_newton: give a number '
                 f"(with accelerate, pass it to prepare_spectral_newton(..., {k}=...))"
@@ -200,8 +205,7 @@ def check_config(cfg: Mapping) -> dict:
     return params
 
 
-# SpectralNewton's own "auto" values (its option values, not placeholders for accelerate to fill in)
-OWN_AUTO = frozenset({"optimizer.params.alpha", "optimizer.params.basis", "optimizer.params.distributed"})
+OWN_AUTO = frozenset(f"optimizer.params.{k}" for k in OWN_AUTO_OPTIONS)
 
 
 def _autos(cfg, prefix=""):
