@@ -333,6 +333,48 @@ def test_load_state_dict_hooks_names_and_tracked_basis():
         opt2.load_state_dict(bad)
 
 
+def test_eigenbasis_state_of_a_wide_matrix_saves_and_resumes_on_the_smaller_side():
+    """basis='eigenbasis' keeps a wide weight's basis on its smaller side (4 x 4 for a 4 x 10 weight): saved,
+    loaded, and resumed to the same next step as the uninterrupted run. A checkpoint written before the basis
+    moved there (the 10 x 4 right basis) loads as 'no basis yet' (a fresh SVD at the next step, as a new run
+    does); any other shape is refused by name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 4), nn.Tanh(), nn.Linear(4, 3))
+    x = torch.randn(16, 10)
+
+    def train(opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+
+    opt = SpectralNewton.from_model(model, lr=0.02, basis="eigenbasis", alpha=1.5)
+    train(opt, 2)
+    W = model[0].weight
+    assert opt.state[W]["tracked"]["basis"].shape == (4, 4) and opt.state[W]["tracked"]["step"] == 2
+    sd = copy.deepcopy(opt.state_dict())
+    weights = copy.deepcopy(model.state_dict())
+    train(opt, 1)
+    after = copy.deepcopy(model.state_dict())
+    model.load_state_dict(weights)
+    opt2 = SpectralNewton.from_model(model, lr=0.02, basis="eigenbasis", alpha=1.5)
+    opt2.load_state_dict(sd)
+    train(opt2, 1)
+    assert all(torch.equal(after[k], v) for k, v in model.state_dict().items())
+    key = next(k for k, v in sd["state"].items() if "tracked" in v and v["tracked"]["basis"].shape == (4, 4))
+    old = copy.deepcopy(sd)
+    old["state"][key]["tracked"]["basis"] = torch.randn(10, 4)
+    opt3 = SpectralNewton.from_model(model, lr=0.02, basis="eigenbasis", alpha=1.5)
+    opt3.load_state_dict(old)
+    tr = opt3.state[W]["tracked"]
+    assert tr["step"] == 0 and tr["basis"].shape == (4, 4) and not tr["basis"].any()
+    train(opt3, 1)
+    assert opt3.state[W]["tracked"]["step"] == 1 and opt3.state[W]["counters"]["refreshes"] >= 1
+    old["state"][key]["tracked"]["basis"] = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"has shape \(4, 3\), expected \(4, 4\)"):
+        opt3.load_state_dict(old)
+
+
 @pytest.mark.parametrize("basis", ["svd", "polar_express"])
 def test_shard_local_engine_on_one_process_equals_the_default(basis):
     """On one process ShardLocalEngine's block is the whole matrix: its updates (applied one matrix at a time,

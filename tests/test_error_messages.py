@@ -787,11 +787,14 @@ def test_cholesky_retry_is_counted(monkeypatch):
     torch.testing.assert_close(D, direction.spectral_direction(G, 2.0, method="svd"), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape, basis", [((3, 6), (6, 3)), ((6, 3), (3, 3))])
-def test_rank_is_capped_by_both_sides(shape, basis):
+@pytest.mark.parametrize(
+    "shape, tracked, eigen", [((3, 6), (6, 3), (3, 3)), ((6, 3), (3, 3), (3, 3)), ((7, 4), (4, 4), (4, 4))]
+)
+def test_rank_is_capped_by_both_sides(shape, tracked, eigen):
+    """tracked keeps right singular vectors (n x r), eigenbasis the smaller side's (min(m, n) x r)."""
     from spectral_dist.spectral import direction
 
-    for fn in (direction.tracked_direction, direction.eigenbasis_direction):
+    for fn, basis in ((direction.tracked_direction, tracked), (direction.eigenbasis_direction, eigen)):
         state = {}
         fn(torch.randn(*shape), 1.0, 1e-4, state, 5)
         assert tuple(state["basis"].shape) == basis, fn.__name__

@@ -1,5 +1,7 @@
 """spectral_direction against float64 NumPy references, per method, with stated tolerances."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -249,7 +251,9 @@ def test_eigenbasis_keeps_its_basis_between_refreshes(rank):
     assert not np.allclose(D2.numpy(), _np_reference(G2.numpy(), 0.5, 1e-3), atol=1e-3)
     Q_before = state["basis"].clone()
     D3 = eigenbasis_direction(G2, 0.5, 1e-3, state, rank, refresh_every=2, counter=counter)  # step 2: refine
-    Q3 = torch.linalg.qr(G2.mT @ (G2 @ Q_before))[0]
+    A = G2.mT @ G2
+    mu = 64.0 * math.sqrt(6) * torch.finfo(torch.float64).eps * torch.trace(A)  # eigenbasis_shift, by hand
+    Q3 = torch.linalg.qr(A @ Q_before + mu * Q_before)[0]
     assert torch.allclose(state["basis"], Q3, atol=1e-12) and state["step"] == 3
     assert np.allclose(D3.numpy(), _stale_basis_reference(G2.numpy(), Q3.numpy(), 0.5, 1e-3), atol=1e-12)
     # another shape: a fresh SVD
@@ -297,14 +301,16 @@ def test_batched_polynomials_and_cholesky_treat_each_matrix_on_its_own():
         direction_unchecked(X, 1.0, 0.0, "tracked")
 
 
+@pytest.mark.parametrize("shape", [(9, 6), (6, 9)])
 @pytest.mark.parametrize("rank", [None, 3])
-def test_eigenbasis_batched_equals_the_one_matrix_eigenbasis(rank):
+def test_eigenbasis_batched_equals_the_one_matrix_eigenbasis(rank, shape):
     """eigenbasis_batched on a batch = eigenbasis_direction on each matrix, step by step: the first step takes
-    an SVD, the next ones reuse the basis and refine it every ``refresh_every`` steps (default 1)."""
+    an SVD, the next ones reuse the basis and refine it every ``refresh_every`` steps (default 1). Tall and
+    wide: the basis is on the smaller side either way (6 x r)."""
     from spectral_dist.spectral import eigenbasis_batched, eigenbasis_direction
 
     gen = torch.Generator().manual_seed(2)
-    Xs = [torch.randn(3, 9, 6, generator=gen, dtype=torch.float64) for _ in range(4)]
+    Xs = [torch.randn(3, *shape, generator=gen, dtype=torch.float64) for _ in range(4)]
     Xs[1] = Xs[1] * torch.tensor([1e-2, 1.0, 1e2], dtype=torch.float64).view(3, 1, 1)
     for every in (None, 2):
         kw = {} if every is None else {"refresh_every": every}
@@ -371,7 +377,8 @@ def test_stateful_methods_on_a_batch_keep_one_state_per_matrix(method):
             want = spectral_direction(Gs[i], 0.5, method=method, state=st, counter=c, **kw)
             assert torch.equal(D[i], want), (step, i)
     assert len(state["batch"]) == 3 and all(s["step"] == 4 for s in state["batch"])
-    assert all(s["basis"].shape == (8, 5) for s in state["batch"])
+    # tracked keeps right singular vectors (n x r); eigenbasis the smaller side's (min(m, n) x r)
+    assert all(s["basis"].shape == ((8, 5) if method == "tracked" else (5, 5)) for s in state["batch"])
     assert counter["refreshes"] == sum(c["refreshes"] for _, c in alone) >= 3
     with pytest.raises(ValueError, match="different batch size"):
         spectral_direction(G[:2], 0.5, method=method, state=state)
@@ -379,3 +386,86 @@ def test_stateful_methods_on_a_batch_keep_one_state_per_matrix(method):
     assert torch.isfinite(D1).all()
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         spectral_direction(G[0], 0.5, method=method, state={}, rank=0)
+
+
+def test_eigenbasis_of_a_wide_matrix_is_the_transposed_problem_on_the_smaller_side():
+    """A wide G (m < n) keeps its basis on the m side: every call equals the call on G^T (tall, right basis)
+    transposed, with the same m x r basis; the Gram matrix, power iteration and QR are m x m, not n x n."""
+    from spectral_dist.spectral import eigenbasis_direction
+
+    gen = torch.Generator().manual_seed(7)
+    Gs = [torch.randn(5, 12, generator=gen, dtype=torch.float64) for _ in range(4)]
+    wide, tall = {}, {}
+    for step, G in enumerate(Gs):
+        D = eigenbasis_direction(G, 1.5, 1e-3, wide, refresh_every=1)
+        Dt = eigenbasis_direction(G.mT.contiguous(), 1.5, 1e-3, tall, refresh_every=1)
+        assert wide["basis"].shape == (5, 5), step
+        assert torch.allclose(wide["basis"], tall["basis"], atol=1e-12), step
+        assert torch.allclose(D, Dt.mT, atol=1e-12 * float(D.abs().max())), step
+    # its first step is exact (an SVD basis), in both orientations
+    D0 = eigenbasis_direction(Gs[0], 1.5, 1e-3, {})
+    assert np.allclose(D0.numpy(), _np_reference(Gs[0].numpy(), 1.5, 1e-3), atol=1e-12)
+
+
+def test_eigenbasis_shift_keeps_cholesky_qr_working_on_rank_deficient_gradients(monkeypatch):
+    """float32, rank-8 gradients of 64 x 48 matrices drifting between steps (real gradients are often of low
+    rank): with the shift mu I (eigenbasis_shift) the batched CholeskyQR succeeds at every step; without it the
+    columns of A Q for the zero eigenvalues are rounding noise, nearly parallel, and it fails (the optimizer
+    would redo those matrices one by one with Householder QR)."""
+    from spectral_dist.spectral import direction as dr
+
+    def run():
+        gen = torch.Generator().manual_seed(3)
+        U = torch.randn(4, 64, 8, generator=gen)
+        V = torch.randn(4, 48, 8, generator=gen)
+        Q, oks = None, []
+        for step in range(4):
+            V = V + 0.05 * torch.randn(4, 48, 8, generator=gen)
+            X = U @ V.mT
+            D, Q, ok = dr.eigenbasis_batched(X, 1.5, 1e-4, Q, step)
+            assert torch.isfinite(D).all()
+            if step:
+                oks += ok.tolist()
+        return oks
+
+    assert all(run())
+    monkeypatch.setattr(dr, "eigenbasis_shift", lambda A: torch.zeros_like(A[..., :1, :1]))
+    assert not any(run())
+
+
+def test_cholesky_qr_orthonormalises_or_says_it_could_not():
+    """Shifted CholeskyQR2: round-off orthonormal with the nested spans of Y's columns (R upper triangular)
+    up to condition ~1e4; a condition of 1e6, two equal columns or a NaN come back with ok False."""
+    from spectral_dist.spectral import direction as dr
+
+    gen = torch.Generator().manual_seed(0)
+    k = 64
+    U, _ = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64))
+
+    def with_cond(c):
+        return ((U * torch.logspace(0, -math.log10(c), k, dtype=torch.float64)) @ V.T).float()
+
+    Y = torch.stack([with_cond(1e2), with_cond(1e4)])
+    Q, ok = dr._cholesky_qr(Y)
+    assert ok.tolist() == [True, True]
+    assert (Q.mT @ Q - torch.eye(k)).abs().max() < 5e-5
+    R = Q.mT @ Y  # upper triangular with a positive diagonal: the same nested spans as Y
+    assert (R.tril(-1).abs().amax(dim=(-2, -1)) < 1e-3 * R.abs().amax(dim=(-2, -1))).all()
+    assert (R.diagonal(dim1=-2, dim2=-1) > 0).all()
+    bad = torch.stack([with_cond(1e6), torch.randn(k, k, generator=gen), torch.randn(k, k, generator=gen)])
+    bad[1, :, 1] = bad[1, :, 0]
+    bad[2, 3, 4] = float("nan")
+    _, ok = dr._cholesky_qr(bad)
+    assert ok.tolist() == [False, False, False]
+
+
+def test_finite_matrices_flags_each_matrix_with_a_nan_or_inf():
+    from spectral_dist.spectral.direction import finite_matrices
+
+    X = torch.ones(4, 3, 5)
+    X[1, 2, 4] = float("nan")
+    X[2, 0, 0] = float("inf")
+    X[3, 1, 1], X[3, 1, 2] = float("inf"), float("-inf")  # their sum is NaN, not 0
+    assert finite_matrices(X).tolist() == [True, False, False, False]
+    assert finite_matrices(torch.ones(3, 5)).shape == () and bool(finite_matrices(torch.ones(3, 5)))

@@ -36,6 +36,8 @@ copy, an eval helper) must say ``distributed=False``. A ``ProcessGroup`` selects
 
 from __future__ import annotations
 
+import math
+
 import zlib
 from collections.abc import Callable
 
@@ -328,8 +330,9 @@ class OwnerEngine:
         payload, extra_sizes = {}, {}
         by_key = {s.key: s for s in slots}
         for s in slots:
-            if ms.slot_method(opt, s) in STATEFUL:  # the new basis travels to every rank
-                extra_sizes[s.key] = s.mshape[1] * ms.tracked_rank(s.mshape, s.group)
+            method = ms.slot_method(opt, s)
+            if method in STATEFUL:  # the new basis travels to every rank
+                extra_sizes[s.key] = math.prod(ms.basis_shape(s.mshape, s.group, method))
         owned = list(results)
         # all of this rank's headers as one host-built table (one copy to the device, not one per matrix)
         table = torch.tensor(

@@ -40,6 +40,7 @@ __all__ = [
     "SKIP",
     "DirectionJob",
     "DirectionResult",
+    "basis_shape",
     "method_of",
     "owner_directions",
     "slot_method",
@@ -55,6 +56,14 @@ def tracked_rank(shape, group: Mapping) -> int:
     m, n = int(shape[0]), int(shape[1])
     r = group["rank"]
     return min(m, n) if r is None else min(int(r), m, n)
+
+
+def basis_shape(shape, group: Mapping, method: str) -> tuple[int, int]:
+    """The shape of a stateful basis for an (m, n) matrix: ``"tracked"`` keeps right singular vectors (n, r);
+    ``"eigenbasis"`` keeps the smaller side's (min(m, n), r) (left singular vectors of a wide matrix)."""
+    m, n = int(shape[0]), int(shape[1])
+    r = tracked_rank((m, n), group)
+    return (min(m, n), r) if method == "eigenbasis" else (n, r)
 
 
 def method_of(group: Mapping, alpha: float, device) -> str:
@@ -164,10 +173,12 @@ def _one(job: DirectionJob, method: str | None = None) -> DirectionResult:
         if prev is None:
             return DirectionResult(SKIP, retries=retries, error=str(e))
         V = prev.to(job.M.dtype)
-        B = job.M @ V  # columns M v_k; their norms estimate sigma_k in the previous basis
-        M = job.M
+        wide = method == "eigenbasis" and job.M.shape[0] < job.M.shape[1]  # its basis is on the smaller side
+        M = job.M.mT if wide else job.M
+        B = M @ V  # columns M v_k; their norms estimate sigma_k in the previous basis
         w = inverse_transform(B.norm(dim=0), job.alpha, g["damping"], rank_floor(*M.shape, M.dtype))
         D = (B * w) @ V.mT
+        D = D.mT if wide else D
         return DirectionResult(FALLBACK, scale_directions(D, g), retries=retries, error=str(e))
     basis = tracked["basis"] if tracked is not None else None
     return DirectionResult(
@@ -259,8 +270,7 @@ def _phase(job: DirectionJob) -> tuple:
     tr = job.tracked or {}
     Q = tr.get("basis")
     step = int(tr.get("step", 0))
-    r = tracked_rank(job.M.shape, g)
-    init = Q is None or tuple(Q.shape) != (job.M.shape[1], r) or step == 0
+    init = Q is None or tuple(Q.shape) != basis_shape(job.M.shape, g, "eigenbasis") or step == 0
     return step, init, g["rank"], int(g["refresh_every"])
 
 

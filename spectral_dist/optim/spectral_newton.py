@@ -405,11 +405,11 @@ class SpectralNewton(torch.optim.Optimizer):
         if slot.kind == "matrix":
             slot.buffer("momentum_buffer", cd)
             meta.setdefault("alpha_estimate", None)  # set by AutoAlpha; present from the start so it resumes
-            if ms.slot_method(self, slot) in STATEFUL:  # step 0: the first use starts from an exact SVD
-                m, n = slot.mshape
-                r = ms.tracked_rank(slot.mshape, slot.group)
+            method = ms.slot_method(self, slot)
+            if method in STATEFUL:  # step 0: the first use starts from an exact SVD
+                shape = ms.basis_shape(slot.mshape, slot.group, method)
                 meta.setdefault(
-                    "tracked", {"basis": torch.zeros(n, r, dtype=cd, device=slot.local().device), "step": 0}
+                    "tracked", {"basis": torch.zeros(shape, dtype=cd, device=slot.local().device), "step": 0}
                 )
         else:
             meta.setdefault("adam_step", 0)
@@ -487,13 +487,13 @@ class SpectralNewton(torch.optim.Optimizer):
             if status == ms.OK:
                 c["consecutive_failures"] = 0
                 basis = result.basis if result is not None and result.basis is not None else extra
-                if basis is not None and ms.slot_method(self, slot) in STATEFUL:
-                    m, n = slot.mshape
-                    r = ms.tracked_rank(slot.mshape, group)
+                method = ms.slot_method(self, slot)
+                if basis is not None and method in STATEFUL:
+                    shape = ms.basis_shape(slot.mshape, group, method)
                     device = slot.local().device
                     tr = meta.setdefault("tracked", {})
                     tr["basis"] = (
-                        basis.detach().reshape(n, r).to(device, compute_dtype(slot.local().dtype)).clone()
+                        basis.detach().reshape(shape).to(device, compute_dtype(slot.local().dtype)).clone()
                     )
                     tr["step"] = int(tr.get("step", 0)) + 1
             else:
@@ -758,12 +758,19 @@ class SpectralNewton(torch.optim.Optimizer):
         if basis is not None:
             m = int(p.shape[0])
             n = p.numel() // max(1, m)
-            r = ms.tracked_rank((m, n), group)
-            if tuple(basis.shape) != (n, r):
+            method = "tracked" if group["basis"] == "tracked" else "eigenbasis"  # "auto" never picks tracked
+            want = ms.basis_shape((m, n), group, method)
+            dev = p.to_local().device if hasattr(p, "to_local") else p.device
+            if method == "eigenbasis" and tuple(basis.shape) == ms.basis_shape((m, n), group, "tracked"):
+                # saved before the eigenbasis moved to the smaller side (a wide matrix's right basis): start
+                # again from an exact SVD at the next step, as a fresh run does
+                out["basis"] = torch.zeros(want, dtype=basis.dtype, device=dev)
+                out["step"] = 0
+                return out
+            if tuple(basis.shape) != want:
                 raise ValueError(
-                    f"tracked basis of parameter {name!r} has shape {tuple(basis.shape)}, expected {(n, r)} "
+                    f"tracked basis of parameter {name!r} has shape {tuple(basis.shape)}, expected {want} "
                     f"(rank={group['rank']})"
                 )
-            dev = p.to_local().device if hasattr(p, "to_local") else p.device
             out["basis"] = basis.detach().to(dev).clone()
         return out
