@@ -129,6 +129,46 @@ def eigenbasis_drift(m, n, alpha, device, steps=12, angle=0.05, seed=0):
     return statistics.median(errs[1:]), max(errs[1:])
 
 
+def eigenbasis_qr(device, shapes, alpha=1.65, steps=12, angle=0.05, batch=2, seed=0) -> list[dict]:
+    """The two QRs of the batched eigenbasis (``householder``: CPU default, ``cholesky``: CUDA default) on one
+    device: ms per matrix of one refresh step and the top error along the drifting sequence of
+    :func:`eigenbasis_drift` (1/k spectrum), batch of ``batch`` same-shape matrices."""
+    from spectral_dist.spectral import eigenbasis_batched
+
+    rows = []
+    for m, n in shapes:
+        g = torch.Generator().manual_seed(seed)
+        k = min(m, n)
+        U, _ = torch.linalg.qr(torch.randn(batch, m, k, generator=g, dtype=torch.float64))
+        V, _ = torch.linalg.qr(torch.randn(batch, n, k, generator=g, dtype=torch.float64))
+        s = torch.arange(1, k + 1, dtype=torch.float64) ** -1.0
+        seq = []
+        for _ in range(steps):
+            K = torch.randn(batch, k, k, generator=g, dtype=torch.float64)
+            V = V @ torch.linalg.matrix_exp(angle * (K - K.mT) / (2 * math.sqrt(k)))
+            seq.append((U * s) @ V.mT + 1e-3 * torch.randn(batch, m, n, generator=g, dtype=torch.float64) / math.sqrt(n))
+        for qr in ("householder", "cholesky"):
+            Q, errs, fails = None, [], 0
+            for step, G in enumerate(seq):
+                D, Q, ok = eigenbasis_batched(G.to(device, torch.float32), alpha, 1e-4, Q, step, qr=qr)
+                fails += int((~ok).sum())
+                if step:
+                    errs.append(max(errors(D[i], G[i], alpha)[1] for i in range(batch)))
+            X = seq[-1].to(device, torch.float32)
+            sec = _time(lambda X=X, Q=Q, qr=qr: eigenbasis_batched(X, alpha, 1e-4, Q, 1, qr=qr), device)
+            rows.append(
+                dict(
+                    shape=f"{m}x{n}",
+                    qr=qr,
+                    ms_per_matrix=1000 * sec / batch,
+                    top_median=statistics.median(errs),
+                    top_max=max(errs),
+                    failed=fails,
+                )
+            )
+    return rows
+
+
 def run(
     device: torch.device, shapes, kinds=("gauss", "power"), batch: int = 4, drift_shape=(512, 256)
 ) -> dict:
@@ -162,6 +202,7 @@ def run(
     drift = {a: eigenbasis_drift(*drift_shape, a, device) for a in (0.5, 1.0, 1.5)}
     return {
         "rows": rows,
+        "eigenbasis_qr": eigenbasis_qr(device, [drift_shape] + [s for s in shapes if min(s) >= 256][:2]),
         "eigenbasis_drift": {str(a): v for a, v in drift.items()},
         "drift_shape": drift_shape,
     }
@@ -188,6 +229,20 @@ def format_md(res: dict, device_name: str) -> str:
         "step, noise), top error median / max over 11 steps: "
         + ", ".join(f"alpha {a}: {v[0]:.1e} / {v[1]:.1e}" for a, v in res["eigenbasis_drift"].items()),
     ]
+    if res.get("eigenbasis_qr"):
+        lines += [
+            "",
+            f"The batched eigenbasis's two QRs on {device_name} (alpha 1.65, batch of 2, the drifting 1/k sequence "
+            "above; time of one refresh step; `failed`: matrices whose CholeskyQR said no, redone alone):",
+            "",
+            "| shape | qr | ms / matrix | top error median / max | failed |",
+            "|---|---|---|---|---|",
+        ]
+        for r in res["eigenbasis_qr"]:
+            lines.append(
+                f"| {r['shape']} | {r['qr']} | {r['ms_per_matrix']:.2f} | {r['top_median']:.1e} / "
+                f"{r['top_max']:.1e} | {r['failed']} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -251,9 +251,7 @@ def test_eigenbasis_keeps_its_basis_between_refreshes(rank):
     assert not np.allclose(D2.numpy(), _np_reference(G2.numpy(), 0.5, 1e-3), atol=1e-3)
     Q_before = state["basis"].clone()
     D3 = eigenbasis_direction(G2, 0.5, 1e-3, state, rank, refresh_every=2, counter=counter)  # step 2: refine
-    A = G2.mT @ G2
-    mu = 64.0 * math.sqrt(6) * torch.finfo(torch.float64).eps * torch.trace(A)  # eigenbasis_shift, by hand
-    Q3 = torch.linalg.qr(A @ Q_before + mu * Q_before)[0]
+    Q3 = torch.linalg.qr(G2.mT @ (G2 @ Q_before))[0]
     assert torch.allclose(state["basis"], Q3, atol=1e-12) and state["step"] == 3
     assert np.allclose(D3.numpy(), _stale_basis_reference(G2.numpy(), Q3.numpy(), 0.5, 1e-3), atol=1e-12)
     # another shape: a fresh SVD
@@ -301,12 +299,14 @@ def test_batched_polynomials_and_cholesky_treat_each_matrix_on_its_own():
         direction_unchecked(X, 1.0, 0.0, "tracked")
 
 
+@pytest.mark.parametrize("qr", ["householder", "cholesky"])
 @pytest.mark.parametrize("shape", [(9, 6), (6, 9)])
 @pytest.mark.parametrize("rank", [None, 3])
-def test_eigenbasis_batched_equals_the_one_matrix_eigenbasis(rank, shape):
+def test_eigenbasis_batched_equals_the_one_matrix_eigenbasis(rank, shape, qr):
     """eigenbasis_batched on a batch = eigenbasis_direction on each matrix, step by step: the first step takes
     an SVD, the next ones reuse the basis and refine it every ``refresh_every`` steps (default 1). Tall and
-    wide: the basis is on the smaller side either way (6 x r)."""
+    wide: the basis is on the smaller side either way (6 x r). Both QRs (the CholeskyQR's shift is ~1e-14 of
+    the trace in float64, nothing at this tolerance)."""
     from spectral_dist.spectral import eigenbasis_batched, eigenbasis_direction
 
     gen = torch.Generator().manual_seed(2)
@@ -317,16 +317,18 @@ def test_eigenbasis_batched_equals_the_one_matrix_eigenbasis(rank, shape):
         states = [{} for _ in range(3)]
         Q = None
         for step, X in enumerate(Xs):
-            D, Q, ok = eigenbasis_batched(X, 0.5, 1e-3, Q, step, rank, **kw)
+            D, Q, ok = eigenbasis_batched(X, 0.5, 1e-3, Q, step, rank, qr=qr, **kw)
             assert ok.tolist() == [True, True, True]
             for i in range(3):
-                # the one-matrix version refines with a Householder QR, the batch with a Cholesky QR: the bases
-                # agree up to column signs, the directions (and so Q Q^T) agree
+                # the one-matrix version refines with a Householder QR; with qr="cholesky" the bases agree up
+                # to column signs, the directions (and so Q Q^T) agree
                 want = eigenbasis_direction(X[i], 0.5, 1e-3, states[i], rank, refresh_every=every or 1)
                 assert torch.allclose(D[i], want, atol=1e-9 * float(want.abs().max())), (every, step, i)
                 P, Pw = Q[i] @ Q[i].mT, states[i]["basis"] @ states[i]["basis"].mT
                 assert torch.allclose(P, Pw, atol=1e-9), (every, step, i)
             assert Q.shape == (3, 6, 6 if rank is None else rank)
+    with pytest.raises(ValueError, match="qr must be one of"):
+        eigenbasis_batched(Xs[0], 0.5, 1e-3, Q, 1, qr="givens")
 
 
 def test_cholesky_method_retries_in_float64_then_raises(monkeypatch):
@@ -422,7 +424,7 @@ def test_eigenbasis_shift_keeps_cholesky_qr_working_on_rank_deficient_gradients(
         for step in range(4):
             V = V + 0.05 * torch.randn(4, 48, 8, generator=gen)
             X = U @ V.mT
-            D, Q, ok = dr.eigenbasis_batched(X, 1.5, 1e-4, Q, step)
+            D, Q, ok = dr.eigenbasis_batched(X, 1.5, 1e-4, Q, step, qr="cholesky")
             assert torch.isfinite(D).all()
             if step:
                 oks += ok.tolist()
