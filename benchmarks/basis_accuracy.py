@@ -146,7 +146,10 @@ def eigenbasis_qr(device, shapes, alpha=1.65, steps=12, angle=0.05, batch=2, see
         for _ in range(steps):
             K = torch.randn(batch, k, k, generator=g, dtype=torch.float64)
             V = V @ torch.linalg.matrix_exp(angle * (K - K.mT) / (2 * math.sqrt(k)))
-            seq.append((U * s) @ V.mT + 1e-3 * torch.randn(batch, m, n, generator=g, dtype=torch.float64) / math.sqrt(n))
+            seq.append(
+                (U * s) @ V.mT
+                + 1e-3 * torch.randn(batch, m, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+            )
         for qr in ("householder", "cholesky"):
             Q, errs, fails = None, [], 0
             for step, G in enumerate(seq):

@@ -373,6 +373,16 @@ def test_eigenbasis_state_of_a_wide_matrix_saves_and_resumes_on_the_smaller_side
     old["state"][key]["tracked"]["basis"] = torch.randn(4, 3)
     with pytest.raises(ValueError, match=r"has shape \(4, 3\), expected \(4, 4\)"):
         opt3.load_state_dict(old)
+    # a square weight's basis has the same shape either way: loaded as saved, not reset
+    sq = nn.Linear(5, 5)
+    opt4 = SpectralNewton([sq.weight], lr=0.02, basis="eigenbasis", alpha=1.5)
+    sq.weight.grad = torch.randn(5, 5)
+    opt4.step()
+    saved = copy.deepcopy(opt4.state_dict())
+    opt5 = SpectralNewton([sq.weight], lr=0.02, basis="eigenbasis", alpha=1.5)
+    opt5.load_state_dict(saved)
+    assert opt5.state[sq.weight]["tracked"]["step"] == 1
+    assert torch.equal(opt5.state[sq.weight]["tracked"]["basis"], opt4.state[sq.weight]["tracked"]["basis"])
 
 
 @pytest.mark.parametrize("basis", ["svd", "polar_express"])

@@ -37,7 +37,6 @@ copy, an eval helper) must say ``distributed=False``. A ``ProcessGroup`` selects
 from __future__ import annotations
 
 import math
-
 import zlib
 from collections.abc import Callable
 

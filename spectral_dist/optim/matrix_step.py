@@ -281,5 +281,7 @@ def _eigenbasis_batch(bjobs: list[DirectionJob], bkey: tuple):
     X = torch.stack([j.M for j in bjobs])
     Q = None if init else torch.stack([j.tracked["basis"].to(X.device) for j in bjobs])
     qr = "cholesky" if X.device.type == "cuda" else "householder"  # reasons: eigenbasis_batched
-    D, Qn, ok = eigenbasis_batched(X, first.alpha, g["damping"], Q, step, g["rank"], g["refresh_every"], qr=qr)
+    D, Qn, ok = eigenbasis_batched(
+        X, first.alpha, g["damping"], Q, step, g["rank"], g["refresh_every"], qr=qr
+    )
     return bjobs, scale_directions(D, g), ok, Qn.unbind(0), int(init)

@@ -761,7 +761,8 @@ class SpectralNewton(torch.optim.Optimizer):
             method = "tracked" if group["basis"] == "tracked" else "eigenbasis"  # "auto" never picks tracked
             want = ms.basis_shape((m, n), group, method)
             dev = p.to_local().device if hasattr(p, "to_local") else p.device
-            if method == "eigenbasis" and tuple(basis.shape) == ms.basis_shape((m, n), group, "tracked"):
+            legacy = ms.basis_shape((m, n), group, "tracked")
+            if method == "eigenbasis" and tuple(basis.shape) == legacy != want:
                 # saved before the eigenbasis moved to the smaller side (a wide matrix's right basis): start
                 # again from an exact SVD at the next step, as a fresh run does
                 out["basis"] = torch.zeros(want, dtype=basis.dtype, device=dev)

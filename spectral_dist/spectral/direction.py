@@ -17,9 +17,9 @@
   factorisation, its inverse (k x k) and one product with G (``cholesky_ex``: no host sync).
 * ``"tracked"``: a rank-r right singular basis kept across steps, refined by warm-started subspace iteration
   and replaced by an exact SVD every ``refresh_every`` steps (see :func:`tracked_direction`).
-* ``"eigenbasis"``: any alpha; an eigenbasis Q of G^T G kept across steps (SOAP-style): one power iteration
-  plus QR every ``refresh_every`` steps, an SVD only when there is no basis yet; every step is
-  D = (G Q) diag(f(||G q_i||^2)) Q^T, two matmuls (see :func:`eigenbasis_direction`).
+* ``"eigenbasis"``: any alpha; an eigenbasis Q of the smaller Gram matrix kept across steps (SOAP-style): one
+  power iteration plus a k x k QR every ``refresh_every`` steps, an SVD only when there is no basis yet; every
+  step is D = (X Q) diag(f(||X q_i||)) Q^T with X = G or G^T, two matmuls (see :func:`eigenbasis_direction`).
 
 ``"auto"`` (:func:`auto_method`) picks per alpha (and the matmul dtype per device); the measured reasons are in
 docs/benchmarks.md.
@@ -92,14 +92,15 @@ def auto_method(alpha: float, damping: float, device) -> str:
     * alpha = 1: ``"polar_express"``, matmuls only: 0.6-0.8x the cost of Muon's 5 Newton-Schulz steps on CPU
       (its Gram form for rectangular shapes), 8% error on the direction against 19% for Muon's polynomial.
       On CUDA the optimizer runs it in bf16, as Muon does (on CPU bf16 matmuls are slow).
-    * any other alpha: ``"eigenbasis"``: matmuls plus one QR per matrix and step, 1-5% error along drifting
-      gradients (refresh_every=1). The exact alternative, ``"gram"`` (float64 eigh), measured 3.1x the cost of
+    * any other alpha: ``"eigenbasis"``: matmuls plus one k x k QR per matrix and step (Householder on CPU,
+      CholeskyQR2 on CUDA: :func:`eigenbasis_batched`), 0.7-10% error along drifting gradients
+      (refresh_every=1). The exact alternative, ``"gram"`` (float64 eigh), measured 3.1x the cost of
       Muon's step at GPT-2 shapes on CPU, and eigh runs far below matmul speed on GPUs; in float32 an eigh of the
       Gram matrix loses the directions that carry the update.
     * alpha = 2 without damping: ``"gram"`` (the exact pseudo-inverse with its rank floor).
 
-    ``device`` is accepted so that per-device choices stay in one place; today only the matmul dtype of
-    Polar Express depends on it (see :mod:`spectral_dist.optim.matrix_step`).
+    ``device`` is accepted so that per-device choices stay in one place; today the method does not depend on
+    it, only the matmul dtype of Polar Express and the eigenbasis QR do (see :mod:`spectral_dist.optim.matrix_step`).
     """
     del device
     if alpha == 0.0 or (alpha == 2.0 and damping > 0):
@@ -252,7 +253,6 @@ def cholesky_direction(G: torch.Tensor, alpha: float, damping: float):
     sigma: there the Cholesky form keeps sigma / (sigma^2 + lambda), which is <= sigma / lambda.
     Directions far below sqrt(eps) sigma_1 are lost when G^T G is formed (as in ``"gram"``); they carry
     T(sigma) ~ sigma / lambda, nothing next to the top ones."""
-    lead = G.shape[:-2]
     if alpha == 0.0:
         D = G / (1.0 + damping)
         return D, finite_matrices(D)
