@@ -205,10 +205,10 @@ def errors_worker(rank, world):
 
     real_build_plan = engine_mod.build_plan
 
-    def skewed(layouts, world_size):
-        plan = real_build_plan(layouts, world_size)
+    def skewed(layouts, world_size, costs=None):
+        plan = real_build_plan(layouts, world_size, costs)
         owners = {k: (o + 1) % world_size for k, o in plan.owners.items()}
-        return type(plan)(plan.layouts, owners, world_size)
+        return type(plan)(plan.layouts, owners, world_size, plan.costs)
 
     if rank == 1:
         engine_mod.build_plan = skewed

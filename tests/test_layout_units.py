@@ -393,3 +393,57 @@ def test_layout_helpers_against_brute_force():
     plan = build_plan(lays, 3)
     want = [sum(lay.cost for lay in lays if plan.owner(lay.key) == r) for r in range(3)]
     assert plan.loads() == want and sum(want) == sum(lay.cost for lay in lays)
+
+
+# ---------------------------------------------------------------------------------------------- plan costs
+def test_owner_plan_balances_the_methods_flops_not_just_the_shapes():
+    """GPT-2's MLP pair (768 x 3072 up, 3072 x 768 down) has one shape cost, but the down matrix runs Polar
+    Express (alpha 1) and the up matrix a Cholesky step (alpha 2), 2.7x cheaper: balanced on shapes, both
+    Polar Express matrices land on one rank; on method_cost each rank gets one of each."""
+    from spectral_dist.optim.matrix_step import method_cost
+
+    shapes = {"h.0.up": (768, 3072), "h.0.down": (3072, 768), "h.1.up": (768, 3072), "h.1.down": (3072, 768)}
+    methods = {k: ("cholesky" if k.endswith("up") else "polar_express") for k in shapes}
+    lays = [MatrixLayout(k, s, [[(0, s[0] * s[1])], [(0, s[0] * s[1])]]) for k, s in shapes.items()]
+    by_shape = build_plan(lays, 2)
+    assert by_shape.owner("h.0.down") == by_shape.owner("h.1.down")  # the imbalance this fixes
+    costs = {k: method_cost(shapes[k], methods[k]) for k in shapes}
+    plan = build_plan(lays, 2, costs)
+    assert plan.owner("h.0.down") != plan.owner("h.1.down") and plan.owner("h.0.up") != plan.owner("h.1.up")
+    assert plan.loads() == [costs["h.0.up"] + costs["h.0.down"]] * 2 and plan.costs == costs
+    assert plan.hash != by_shape.hash  # ZeRO checkpoints record which plan they were written with
+    # the flop model's order at GPT-2 shapes: Polar Express > eigenbasis (fused qkv) > Cholesky > eigenbasis
+    pe, chol = method_cost((3072, 768), "polar_express"), method_cost((768, 3072), "cholesky")
+    eig_qkv, eig_sq = method_cost((768, 2304), "eigenbasis"), method_cost((768, 768), "eigenbasis")
+    assert pe > eig_qkv > chol > eig_sq > 0
+    assert method_cost((768, 3072), "svd") > pe and method_cost((768, 768), "gram") > eig_sq
+
+
+def test_the_engines_plan_weights_each_matrix_by_its_method():
+    """The one-process engine builds its plan from the optimizer's groups: alpha 1 -> Polar Express's flops,
+    alpha 2 -> Cholesky's, another alpha -> the eigenbasis's (basis="auto")."""
+    from torch import nn
+
+    from spectral_dist import SpectralNewton
+    from spectral_dist.optim.matrix_step import method_cost
+
+    a, b, c = nn.Linear(48, 16), nn.Linear(16, 48), nn.Linear(16, 16)
+    opt = SpectralNewton(
+        [
+            {"params": [a.weight], "alpha": 1.0},
+            {"params": [b.weight], "alpha": 2.0},
+            {"params": [c.weight], "alpha": 1.5},
+        ],
+        lr=0.01,
+    )
+    for p in (a.weight, b.weight, c.weight):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    costs = opt._get_engine().plan.costs
+    assert sorted(costs.values()) == sorted(
+        [
+            method_cost((16, 48), "polar_express"),
+            method_cost((48, 16), "cholesky"),
+            method_cost((16, 16), "eigenbasis"),
+        ]
+    )

@@ -152,10 +152,16 @@ class OwnerEngine:
         if sig != self._signature:
             self._slots = self.build_slots(opt)
             self._signature = sig
-            layouts = [s.layout for s in self._slots if s.kind == "matrix"]
-            self.plan = build_plan(layouts, self.world_size)
+            self.plan = build_plan(*self.plan_args(opt, self._slots))
             self._verified = self.local
         return self._slots
+
+    def plan_args(self, opt, slots) -> tuple:
+        """(layouts, world size, costs) of the owner plan: each matrix weighted by its method's flops
+        (:func:`~spectral_dist.optim.matrix_step.method_cost`), the same on every rank."""
+        mats = [s for s in slots if s.kind == "matrix"]
+        costs = {s.key: ms.method_cost(s.mshape, ms.slot_method(opt, s)) for s in mats}
+        return [s.layout for s in mats], self.world_size, costs
 
     def build_slots(self, opt) -> list:
         out, seen = [], set()

@@ -12,9 +12,10 @@ Pieces held by different ranks are either identical (replicas: DDP, HSDP's repli
 :func:`build_plan` checks that they cover the matrix exactly once. Each distinct piece travels to the owner
 at most once (from the owner itself when it holds it, else from the lowest rank that does).
 
-The owner plan is longest-processing-time (LPT) on the cost m * n * min(m, n) of a decomposition: matrices
-in decreasing cost (ties broken by key) each go to the least loaded rank (ties: lowest rank). It depends
-only on the layouts, so every rank computes the same plan; :attr:`Plan.hash` lets ranks verify that.
+The owner plan is longest-processing-time (LPT) on the cost of each matrix's step (the engines pass the flops
+of its method; m * n * min(m, n) by default): matrices in decreasing cost (ties broken by key) each go to the
+least loaded rank (ties: lowest rank). It depends only on the layouts and those costs, the same on every rank,
+so every rank computes the same plan; :attr:`Plan.hash` lets ranks verify that.
 """
 
 from __future__ import annotations
@@ -255,6 +256,7 @@ class Plan:
     layouts: tuple
     owners: dict
     world_size: int
+    costs: dict | None = field(default=None, compare=False)  # key -> cost the plan balanced (None: lay.cost)
     by_key: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -288,7 +290,7 @@ class Plan:
         """Total cost per rank."""
         out = [0] * self.world_size
         for lay in self.layouts:
-            out[self.owners[lay.key]] += lay.cost
+            out[self.owners[lay.key]] += _cost(lay, self.costs)
         return out
 
     def owned_numel(self, rank: int) -> int:
@@ -304,11 +306,19 @@ class Plan:
         return h.hexdigest()
 
 
-def build_plan(layouts: list[MatrixLayout], world_size: int | None = None) -> Plan:
+def _cost(lay: MatrixLayout, costs) -> int:
+    return lay.cost if costs is None or lay.key not in costs else int(costs[lay.key])
+
+
+def build_plan(
+    layouts: list[MatrixLayout], world_size: int | None = None, costs: dict[str, int] | None = None
+) -> Plan:
     """Deterministic LPT owner plan: decreasing cost (ties: key), each to the least loaded rank (ties: lowest).
 
     LPT is within 4/3 of the optimal makespan; the cost is that of the decomposition, which dominates the
-    matrix step. Every layout is checked to tile its matrix (:func:`_check_cover`).
+    matrix step: ``costs`` (key -> cost, the same on every rank) when given, e.g. the flops of each matrix's
+    method (:func:`spectral_dist.optim.matrix_step.method_cost`), else m * n * min(m, n). Every layout is
+    checked to tile its matrix (:func:`_check_cover`).
     """
     layouts = tuple(layouts)
     if world_size is None:
@@ -320,9 +330,9 @@ def build_plan(layouts: list[MatrixLayout], world_size: int | None = None) -> Pl
     load = [0] * world_size
     count = [0] * world_size
     owners = {}
-    for lay in sorted(layouts, key=lambda t: (-t.cost, -t.numel, t.key)):
+    for lay in sorted(layouts, key=lambda t: (-_cost(t, costs), -t.numel, t.key)):
         r = min(range(world_size), key=lambda i: (load[i], count[i], i))
         owners[lay.key] = r
-        load[r] += lay.cost
+        load[r] += _cost(lay, costs)
         count[r] += 1
-    return Plan(layouts, owners, world_size)
+    return Plan(layouts, owners, world_size, dict(costs) if costs is not None else None)

@@ -58,6 +58,7 @@ filter_dependency_warnings()  # DeepSpeed's calls of deprecated torch.distribute
 
 from ..distributed.engine import OwnerEngine  # noqa: E402
 from ..distributed.layout import MatrixLayout, build_plan  # noqa: E402
+from ..optim import matrix_step as ms  # noqa: E402
 from ..optim.spectral_newton import SpectralNewton, validate_group  # noqa: E402
 from .deepspeed_compat import partition_entries  # noqa: E402
 
@@ -314,40 +315,55 @@ class _ZeroEngine(OwnerEngine):
     """The one engine, with slots from ZeRO's flat partitions and one plan over all matrices (stage 3 steps
     one sub-group at a time; every call exchanges that sub-group's matrices)."""
 
-    def __init__(self, zl, group):
+    def __init__(self, zl, group, opt=None):
         super().__init__(group=group)
         self.zl = zl
-        self.plan = build_plan([e["layout"] for e in zl.entries if e["kind"] == "matrix"], self.world_size)
+        layouts = [e["layout"] for e in zl.entries if e["kind"] == "matrix"]
+        # the plan before method-weighted costs (m n min(m, n)): checkpoints written before 2026-12-01 carry
+        # its hash, and they resume as they did
+        self.legacy_plan_hash = build_plan(layouts, self.world_size).hash
+        costs = None
+        if opt is not None:  # every matrix weighted by its method's flops, from the groups at attach time
+            costs = {}
+            for s in self._build(opt):
+                if s.kind == "matrix":
+                    meta = opt.state.get(s.flat, {}).get("params", {}).get(s.key, {})  # read, never create
+                    alpha = opt.resolve_alpha_meta(meta, s.group)
+                    costs[s.key] = ms.method_cost(s.mshape, ms.method_of(s.group, alpha, s.flat.device))
+        self.plan = build_plan(layouts, self.world_size, costs)
 
     def slots(self, opt) -> list:
         sig = tuple(id(t) for g in opt.param_groups for t in g["params"])
         if sig != self._signature:
-            out = []  # DeepSpeed steps one group at a time (a one-group list): index the list it passes
-            for gi, g in enumerate(opt.param_groups):
-                for t in g["params"]:
-                    ents = self.zl.by_flat.get(id(t))
-                    if ents is None or ents[0]["flat"] is not t:
-                        raise RuntimeError(
-                            "ZeroSpectralNewton got a parameter that is not one of the ZeRO partitions it was "
-                            "attached to; re-run attach() after rebuilding the ZeRO optimizer"
-                        )
-                    for e in ents:
-                        out.append(
-                            ZeroSlot(
-                                opt,
-                                e["key"],
-                                gi,
-                                t,
-                                e["fo"],
-                                e["n"],
-                                e["param"],
-                                e["kind"],
-                                e["mshape"],
-                                e["layout"],
-                            )
-                        )
-            self._slots, self._signature = out, sig
+            self._slots, self._signature = self._build(opt), sig
         return self._slots
+
+    def _build(self, opt) -> list:
+        out = []  # DeepSpeed steps one group at a time (a one-group list): index the list it passes
+        for gi, g in enumerate(opt.param_groups):
+            for t in g["params"]:
+                ents = self.zl.by_flat.get(id(t))
+                if ents is None or ents[0]["flat"] is not t:
+                    raise RuntimeError(
+                        "ZeroSpectralNewton got a parameter that is not one of the ZeRO partitions it was "
+                        "attached to; re-run attach() after rebuilding the ZeRO optimizer"
+                    )
+                for e in ents:
+                    out.append(
+                        ZeroSlot(
+                            opt,
+                            e["key"],
+                            gi,
+                            t,
+                            e["fo"],
+                            e["n"],
+                            e["param"],
+                            e["kind"],
+                            e["mshape"],
+                            e["layout"],
+                        )
+                    )
+        return out
 
 
 class ZeroSpectralNewton(SpectralNewton):
@@ -382,7 +398,7 @@ class ZeroSpectralNewton(SpectralNewton):
     def attach(self, zero_optimizer) -> None:
         """Map ZeRO's flat partitions back to parameters and build the owner plan (collective-free)."""
         self._zero = _build_zero_layout(self, zero_optimizer)
-        self._engine = _ZeroEngine(self._zero, self._zero.group)
+        self._engine = _ZeroEngine(self._zero, self._zero.group, self)
 
     # -- step ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -421,7 +437,10 @@ class ZeroSpectralNewton(SpectralNewton):
                 "the model weights only (engine.load_checkpoint(..., load_optimizer_states=False))"
             )
         z = self._zero
-        if sz["world_size"] != z.world or sz["plan_hash"] != self._engine.plan.hash:
+        if sz["world_size"] != z.world or sz["plan_hash"] not in (
+            self._engine.plan.hash,
+            self._engine.legacy_plan_hash,
+        ):
             raise ValueError(
                 f"checkpoint was written with data-parallel world size {sz['world_size']} and another ZeRO "
                 f"layout (now world size {z.world}); ZeRO optimizer state is partitioned by world size: resume "
