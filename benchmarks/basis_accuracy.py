@@ -205,7 +205,7 @@ def run(
     drift = {a: eigenbasis_drift(*drift_shape, a, device) for a in (0.5, 1.0, 1.5)}
     return {
         "rows": rows,
-        "eigenbasis_qr": eigenbasis_qr(device, [drift_shape] + [s for s in shapes if min(s) >= 256][:2]),
+        "eigenbasis_qr": eigenbasis_qr(device, [drift_shape] + [s for s in shapes if min(s) >= 256]),
         "eigenbasis_drift": {str(a): v for a, v in drift.items()},
         "drift_shape": drift_shape,
     }

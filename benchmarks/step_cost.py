@@ -13,7 +13,7 @@ Two measurements:
 Optimizers: ``adamw`` (torch.optim.AdamW, foreach), ``muon`` (:class:`BatchedMuon`: momentum + 5 quintic
 Newton-Schulz steps in fp32, batched by shape; AdamW on the rest), and SpectralNewton (``from_model``: hidden
 matrices spectral, embeddings/head/norms/biases AdamW) at ``alpha`` 1 (the optimizer's default alpha), by layer
-(attention 1, MLP up 0.5, MLP down 1), 0.5, 1.5 and 2, every one with the default ``basis="auto"``;
+(``DEFAULT_ALPHA``: attention 1.65, MLP up 2, MLP down 1), 0.5, 1.5 and 2, every one with the default ``basis="auto"``;
 ``--only sn_alpha0.5@eigenbasis`` adds a variant with another basis.
 
     python benchmarks/step_cost.py --model gpt2 --write         # CPU: optimizer step at 12 layers, full at 2

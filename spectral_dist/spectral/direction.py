@@ -374,13 +374,13 @@ def eigenbasis_batched(
     ``qr`` orthonormalises the power step A Q (k x r, A = X^T X):
 
     * ``"householder"`` (CPU): torch.linalg.qr, stable at any conditioning, the same iteration as
-      :func:`eigenbasis_direction`. On CPU a batched k x k Householder QR measured 1.7x faster than
-      CholeskyQR2 (768 x 768: 3 matmul times against 5).
+      :func:`eigenbasis_direction`. On CPU a refresh step measured 29.7 ms against CholeskyQR2's 37.6 ms per
+      768 x 768 matrix (benchmarks/basis_accuracy.py).
     * ``"cholesky"`` (GPUs, where Householder QR is a chain of latency-bound panel steps and CholeskyQR is
       matmuls plus a small Cholesky): shifted CholeskyQR2 of (A + mu I) Q, mu = :func:`eigenbasis_shift`, which
       real gradients need (without it 2-3 of 4 GPT-2 attention matrices per step failed the factorisation).
-      The shift slows the tracking of directions with sigma_i^2 < mu: measured 1.5x the drift error of
-      ``"householder"`` (basis_accuracy.py, 512 x 256, 1/k spectrum: 13.5% against 8.6% at alpha 1.5).
+      The shift slows the tracking of directions with sigma_i^2 < mu: measured 1.6-2.3x the drift error of
+      ``"householder"`` (basis_accuracy.py, 1/k spectra at GPT-2 shapes, alpha 1.65).
 
     Cost per matrix (l = max(m, n), r = k): the Gram product l k^2, B = X Q and D = (B w) Q^T 2 l k^2 (matmuls,
     2 flops each), A Q k^3, and the QR (Householder 4/3 k^3; CholeskyQR2 2 x (k^3 Gram + k^3/3 Cholesky +
