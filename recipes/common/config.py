@@ -45,12 +45,17 @@ class TrainConfig:
     weight_decay: float = opt(0.05, "Decoupled weight decay (none on norms, biases and embeddings).")
     betas: list[float] = opt([0.9, 0.95], "AdamW's two betas, for the parameters AdamW steps.")
     alpha: str = opt(
-        "by_layer", "SpectralNewton's exponent: by_layer (conv 2, attention 1, MLP up 0.5), auto or a number."
+        "by_layer",
+        "SpectralNewton's exponent: by_layer (conv 2, attention 1.65, MLP up 2, MLP down 1), auto or a number.",
     )
     momentum: float = opt(0.95, "Momentum of SpectralNewton and Muon.")
     damping: float = opt(1e-4, "SpectralNewton's damping, relative to sigma_1^alpha.")
-    basis: Literal["svd", "gram", "newton_schulz", "tracked"] = opt(
-        "svd", "How SpectralNewton decomposes each matrix."
+    basis: Literal[
+        "svd", "gram", "auto", "polar_express", "cholesky", "eigenbasis", "newton_schulz", "tracked"
+    ] = opt(
+        "svd",
+        "How SpectralNewton decomposes each matrix (svd: exact, the recipes' reference; auto: the library's "
+        "default, faster; see docs/benchmarks.md section 4).",
     )
     warmup_steps: int = opt(20, "Steps of linear learning-rate warmup.")
     min_lr_ratio: float = opt(0.1, "Cosine decay ends at this fraction of the peak learning rate.")
