@@ -26,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from spectral_dist.optim.matrix_step import method_flops  # noqa: E402
 from spectral_dist.spectral import spectral_direction  # noqa: E402
 from spectral_dist.spectral.direction import direction_unchecked  # noqa: E402
 
@@ -47,24 +48,8 @@ CASES = [
 
 
 def flops(method: str, m: int, n: int, steps: int = 5) -> float:
-    """Approximate flops for one m x n matrix (k = min, l = max side); counts for LAPACK routines from Golub &
-    Van Loan (thin R-SVD 6 l k^2 + 20 k^3; symmetric eigh with vectors ~9 k^3)."""
-    k, ln = min(m, n), max(m, n)
-    if method == "svd":
-        return 6 * ln * k**2 + 20 * k**3
-    if method == "gram":
-        return 4 * ln * k**2 + 11 * k**3  # Gram + G P (2 l k^2 each), eigh ~9 k^3, Q w Q^T 2 k^3
-    if method == "newton_schulz":
-        return steps * (4 * k**2 * ln + 2 * k**3)
-    if method == "polar_express":
-        if ln >= 2 * k:  # Gram form: (4 steps - 3) k x k matmuls, the Gram product and R X
-            return 4 * ln * k**2 + (8 * steps - 6) * k**3
-        return steps * (4 * k**2 * ln + 2 * k**3)
-    if method == "cholesky":
-        return 4 * ln * k**2 + k**3 / 3 + 64 * k**2  # Gram, Cholesky, 2 TRSMs, 32 power iterations
-    if method == "eigenbasis":
-        return 8 * m * n * k + 4 * n * k**2  # G Q, G^T B, G Q', (B w) Q^T; Householder QR of n x k
-    raise ValueError(method)
+    """Approximate flops for one m x n matrix: the optimizer's own model (owner plans balance it)."""
+    return float(method_flops((m, n), method, steps))
 
 
 def matrix(m, n, kind, seed=0):

@@ -42,6 +42,7 @@ __all__ = [
     "DirectionResult",
     "basis_shape",
     "method_cost",
+    "method_flops",
     "method_of",
     "owner_directions",
     "slot_method",
@@ -67,26 +68,34 @@ def basis_shape(shape, group: Mapping, method: str) -> tuple[int, int]:
     return (min(m, n), r) if method == "eigenbasis" else (n, r)
 
 
-def method_cost(shape, method: str) -> int:
-    """Approximate flops of one matrix's direction by ``method`` (k = min(m, n), l = max(m, n)): what the owner
-    plan balances. Polar Express's Gram form costs 2.7x a Cholesky step at 768 x 3072 (measured 2.3x on CPU),
-    so balancing on m n min(m, n) alone put both of a GPT-2 layer pair's MLP-down matrices on one rank."""
+def method_flops(shape, method: str, steps: int = 5) -> int:
+    """Approximate flops of one matrix's direction by ``method`` (k = min(m, n), l = max(m, n); a matmul of
+    a x b by b x c is 2 a b c). LAPACK counts from Golub & Van Loan (thin R-SVD 6 l k^2 + 20 k^3, symmetric eigh
+    with vectors ~9 k^3); ``steps``: Newton-Schulz / Polar Express iterations."""
     m, n = int(shape[0]), int(math.prod(int(s) for s in shape[1:]))
     k, ln = min(m, n), max(m, n)
     if method in ("polar_express", "newton_schulz"):
-        steps = 5
-        if method == "polar_express" and ln >= 2 * k:
+        if method == "polar_express" and ln >= 2 * k:  # Gram form: (4 steps - 3) k x k matmuls, X X^T, R X
             return 4 * ln * k * k + (8 * steps - 6) * k**3
         return steps * (4 * k * k * ln + 2 * k**3)
-    if method == "cholesky":
+    if method == "cholesky":  # Gram and G P (2 l k^2 each), Cholesky, L^-1, L^-T L^-1 (~3 k^3)
         return 4 * ln * k * k + 3 * k**3
-    if method == "eigenbasis":
+    if method == "eigenbasis":  # Gram, X Q, (B w) Q^T (2 l k^2 each), A Q and the k x k QR (~5 k^3)
         return 6 * ln * k * k + 5 * k**3
-    # SVD and eigh run far below matmul speed (float64 eigh for "gram"): weighted by their measured slowdown
-    # against the matmul methods (gram 3.1x a batched Muon step at GPT-2 shapes on CPU)
-    if method == "gram":
-        return 3 * (4 * ln * k * k + 11 * k**3)
-    return 4 * (6 * ln * k * k + 20 * k**3)  # svd, tracked (its refresh)
+    if method == "gram":  # Gram and G P (2 l k^2 each), eigh ~9 k^3, Q w Q^T 2 k^3
+        return 4 * ln * k * k + 11 * k**3
+    if method in ("svd", "tracked"):  # tracked: its refresh
+        return 6 * ln * k * k + 20 * k**3
+    raise ValueError(f"unknown method {method!r}")
+
+
+def method_cost(shape, method: str) -> int:
+    """What the owner plan balances: :func:`method_flops`, with SVD and eigh weighted by how far below matmul
+    speed they run (float64 eigh for ``"gram"``: measured 3.1x a batched Muon step at GPT-2 shapes on CPU).
+    Polar Express's Gram form costs 2.7x a Cholesky step at 768 x 3072 (measured 2.3x on CPU), so balancing
+    on m n min(m, n) alone put both of a GPT-2 layer pair's MLP-down matrices on one rank."""
+    slowdown = {"gram": 3, "svd": 4, "tracked": 4}.get(method, 1)
+    return slowdown * method_flops(shape, method)
 
 
 def method_of(group: Mapping, alpha: float, device) -> str:
