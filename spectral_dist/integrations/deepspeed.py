@@ -319,9 +319,6 @@ class _ZeroEngine(OwnerEngine):
         super().__init__(group=group)
         self.zl = zl
         layouts = [e["layout"] for e in zl.entries if e["kind"] == "matrix"]
-        # the plan before method-weighted costs (m n min(m, n)): checkpoints written before 2026-12-01 carry
-        # its hash, and they resume as they did
-        self.legacy_plan_hash = build_plan(layouts, self.world_size).hash
         costs = None
         if opt is not None:  # every matrix weighted by its method's flops, from the groups at attach time
             costs = {}
@@ -331,6 +328,13 @@ class _ZeroEngine(OwnerEngine):
                     alpha = opt.resolve_alpha_meta(meta, s.group)
                     costs[s.key] = ms.method_cost(s.mshape, ms.method_of(s.group, alpha, s.flat.device))
         self.plan = build_plan(layouts, self.world_size, costs)
+
+    @functools.cached_property
+    def legacy_plan_hash(self) -> str:
+        """The hash of the plan before method-weighted costs (m n min(m, n)): checkpoints written before
+        2026-12-01 carry it, and they resume as they did. Built only when a checkpoint's hash is not the
+        current plan's (a second plan means a second cover check of every matrix)."""
+        return build_plan(list(self.plan.layouts), self.world_size).hash
 
     def slots(self, opt) -> list:
         sig = tuple(id(t) for g in opt.param_groups for t in g["params"])
@@ -437,9 +441,8 @@ class ZeroSpectralNewton(SpectralNewton):
                 "the model weights only (engine.load_checkpoint(..., load_optimizer_states=False))"
             )
         z = self._zero
-        if sz["world_size"] != z.world or sz["plan_hash"] not in (
-            self._engine.plan.hash,
-            self._engine.legacy_plan_hash,
+        if sz["world_size"] != z.world or (
+            sz["plan_hash"] != self._engine.plan.hash and sz["plan_hash"] != self._engine.legacy_plan_hash
         ):
             raise ValueError(
                 f"checkpoint was written with data-parallel world size {sz['world_size']} and another ZeRO "
