@@ -5,12 +5,9 @@ rank that skipped its shard, counted a replicated tensor twice or used a wrong g
 Shapes include dimensions not divisible by 2 (uneven and single-row shards).
 """
 
-import os
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from dist_helpers import free_port
+from dist_helpers import run_workers
 from torch import nn
 
 from spectral_dist.diagnostics import GradientSketch, SketchSlice, TrajectoryMonitor
@@ -99,19 +96,16 @@ def _check_zero_slices_and_replicated(rank):
     _close(mon_ddp.history[-1], single.history[-1], "replicated")
 
 
-def _worker(rank, port):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        _check_dtensor_placements(rank)
-        _check_zero_slices_and_replicated(rank)
-        _check_fsdp2(rank)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world_size):
+    _check_dtensor_placements(rank)
+    _check_zero_slices_and_replicated(rank)
+    _check_fsdp2(rank)
+    dist.barrier()
+    return "done"
 
 
 def test_two_process_sketches_match_full_tensor():
-    os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)
+    # run_workers, not mp.spawn: gloo's worker threads sometimes abort at interpreter exit ("terminate called
+    # without an active exception", a torch teardown race after destroy_process_group); each rank's checks
+    # are reported through a queue before it exits, so such an exit no longer fails a test that passed.
+    assert run_workers(_worker, WORLD) == ["done"] * WORLD
