@@ -10,6 +10,7 @@ drifting sequence (singular vectors rotating by ~0.05 rad per step, momentum-lik
     python benchmarks/basis_accuracy.py                 # CPU, GPT-2 shapes (a few minutes on 2 cores)
     python benchmarks/basis_accuracy.py --device cuda   # the GPU's results against the CPU float64 reference
     python benchmarks/basis_accuracy.py --quick
+    python benchmarks/basis_accuracy.py --real          # along a real training run's inputs (~5 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -157,6 +158,175 @@ def eigenbasis_qr(device, shapes, alpha=1.65, steps=12, angle=0.05, batch=2, see
     return rows
 
 
+# (label, method, options) evaluated on the recorded inputs of each layer type's alpha
+REAL_CASES = {
+    1.0: [
+        ("polar_express 5 (auto)", "polar_express", {}),
+        ("newton_schulz 5 (Muon)", "newton_schulz", {}),
+        ("eigenbasis", "eigenbasis", {}),
+        ("eigenbasis, jacobi_steps=1", "eigenbasis", {"jacobi_steps": 1}),
+    ],
+    2.0: [
+        ("cholesky (auto)", "cholesky", {}),
+        ("eigenbasis", "eigenbasis", {}),
+        ("eigenbasis, jacobi_steps=1", "eigenbasis", {"jacobi_steps": 1}),
+    ],
+    "other": [
+        ("eigenbasis (auto)", "eigenbasis", {}),
+        ("eigenbasis, jacobi_steps=1", "eigenbasis", {"jacobi_steps": 1}),
+        ("eigenbasis, jacobi_steps=2", "eigenbasis", {"jacobi_steps": 2}),
+        ("eigenbasis, refresh_every=2", "eigenbasis", {"refresh_every": 2}),
+        ("eigenbasis, CholeskyQR (CUDA's)", "eigenbasis", {"qr": "cholesky"}),
+        ("eigenbasis, CholeskyQR, jacobi_steps=2", "eigenbasis", {"qr": "cholesky", "jacobi_steps": 2}),
+        ("eigenbasis, CholeskyQR, jacobi_steps=1", "eigenbasis", {"qr": "cholesky", "jacobi_steps": 1}),
+        ("gram (float64 eigh)", "gram", {}),
+    ],
+}
+
+
+def record_inputs(steps: int = 60, d: int = 256, layers: int = 2, seq: int = 128, batch: int = 16, lr=3e-3):
+    """Train a GPT-2-style model (``d`` wide, ``layers`` deep, byte tokens of the standard library's source, the
+    same corpus as the recipes) with SpectralNewton (alpha by layer, exact ``svd`` basis) for ``steps`` steps
+    and record what each hidden matrix's direction is computed from (the Nesterov momentum blend), in float64.
+    Returns {name: (layer_type, alpha, [M_1, ..., M_steps])} and the last loss."""
+    from spectral_dist import models
+    from spectral_dist.optim import SpectralNewton
+    from spectral_dist.optim import matrix_step as ms
+    from spectral_dist.reproduce import stdlib_bytes
+
+    torch.manual_seed(0)
+    model = models.tiny_gpt(n_positions=seq, n_embd=d, n_layer=layers, n_head=max(1, d // 64))
+    train, _ = stdlib_bytes(max(200_000, steps * batch * seq))
+    opt = SpectralNewton.from_model(model, alpha="by_layer", lr=lr, basis="svd", distributed=False)
+    types = {i.name: i.layer_type for i in opt.param_infos}
+    rec: dict = {}
+    real = ms.owner_directions
+
+    def spy(jobs):
+        for j in jobs:
+            rec.setdefault(j.key, (j.alpha, []))[1].append(j.M.detach().to("cpu", torch.float64).clone())
+        return real(jobs)
+
+    ms.owner_directions = spy
+    try:
+        for i in range(steps):
+            g = torch.Generator().manual_seed(i)
+            idx = torch.randint(0, len(train) - seq - 1, (batch,), generator=g)
+            x = torch.stack([train[j : j + seq].long() for j in idx])
+            opt.zero_grad()
+            loss = models.lm_loss(model, x)
+            loss.backward()
+            opt.step()
+    finally:
+        ms.owner_directions = real
+    out = {}
+    for key, (alpha, seq_m) in rec.items():
+        name = next((n for n in types if key.endswith(n) or n.endswith(key) or n == key), key)
+        out[name] = (types.get(name, "matrix"), float(alpha), seq_m)
+    return out, float(loss.detach())
+
+
+def real_gradients(device: torch.device, steps: int = 60, d: int = 256, progress: bool = True) -> dict:
+    """Top-direction error of each basis along the recorded inputs of a real training run
+    (:func:`record_inputs`): stateful bases are carried through the sequence as the optimizer carries them
+    (first step: an SVD, not counted). Rows: median over matrices of each matrix's median error over all
+    steps after the first, and over the second half of the run."""
+    from spectral_dist.spectral import eigenbasis_batched
+
+    inputs, loss = record_inputs(steps, d)
+    per: dict = {}
+    items = list(inputs.items())
+    for idx, (name, (ltype, alpha, seq_m)) in enumerate(items):
+        if progress:
+            print(
+                f"  [{idx + 1}/{len(items)}] {name} {tuple(seq_m[0].shape)} alpha {alpha:g}", file=sys.stderr
+            )
+        cases = REAL_CASES.get(alpha, REAL_CASES["other"])
+        for label, method, kw in cases:
+            errs, Q = [], None
+            for t, M in enumerate(seq_m):
+                X = M.to(device, torch.float32).unsqueeze(0)
+                if method == "eigenbasis":
+                    D, Q, _ = eigenbasis_batched(X, alpha, 1e-4, Q, t, **kw)
+                else:
+                    D, _ = direction_unchecked(X, alpha, 1e-4, method, **kw)
+                if t:
+                    errs.append(errors(D[0], M, alpha)[1])
+            late = errs[len(errs) // 2 :]
+            per.setdefault((ltype, alpha, label), []).append(
+                (statistics.median(errs), statistics.median(late), max(errs))
+            )
+    rows = [
+        dict(
+            layer_type=lt,
+            alpha=a,
+            method=label,
+            matrices=len(v),
+            median=statistics.median(x[0] for x in v),
+            late=statistics.median(x[1] for x in v),
+            max=max(x[2] for x in v),
+        )
+        for (lt, a, label), v in per.items()
+    ]
+    shapes = [(64, 64)] if d < 256 else [(768, 768), (768, 2304)]
+    return {"rows": rows, "steps": steps, "d": d, "loss": loss, "jacobi_cost": jacobi_cost(device, shapes)}
+
+
+def jacobi_cost(device: torch.device, shapes, batch: int = 4, seed: int = 0) -> list[dict]:
+    """ms per matrix of one batched eigenbasis refresh step with 0, 1 and 2 Jacobi steps, for both QRs."""
+    from spectral_dist.spectral import eigenbasis_batched
+
+    rows = []
+    for m, n in shapes:
+        g = torch.Generator().manual_seed(seed)
+        X = torch.randn(batch, m, n, generator=g).to(device)
+        k = min(m, n)
+        Q = torch.linalg.qr(torch.randn(batch, k, k, generator=g))[0].to(device)
+        for qr in ("householder", "cholesky"):
+            for jac in (0, 1, 2):
+                sec = _time(
+                    lambda X=X, Q=Q, qr=qr, jac=jac: eigenbasis_batched(
+                        X, 1.65, 1e-4, Q, 1, qr=qr, jacobi_steps=jac
+                    ),
+                    device,
+                )
+                rows.append(dict(shape=f"{m}x{n}", qr=qr, jacobi_steps=jac, ms_per_matrix=1000 * sec / batch))
+    return rows
+
+
+def format_real_md(res: dict, device_name: str) -> str:
+    lines = [
+        f"Bases on the recorded inputs of a real run (GPT-2-style, d={res['d']}, 2 layers, byte tokens of the "
+        f"standard library, SpectralNewton by layer, {res['steps']} steps, final loss {res['loss']:.2f}), "
+        f"computed on {device_name} in float32; top-direction error against the float64 SVD (median over the "
+        "layer type's matrices of each matrix's median over the steps; `late`: second half of the run; max: "
+        "worst step of any matrix):",
+        "",
+        "| layer type | alpha | method | matrices | top error median | late | max |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['layer_type']} | {r['alpha']:g} | {r['method']} | {r['matrices']} | {r['median']:.3f} | "
+            f"{r['late']:.3f} | {r['max']:.3f} |"
+        )
+    if res.get("jacobi_cost"):
+        lines += [
+            "",
+            f"Cost of the Jacobi steps on {device_name}: ms per matrix of one eigenbasis refresh step (batch of 4, "
+            "alpha 1.65):",
+            "",
+            "| shape | qr | jacobi_steps 0 | 1 | 2 |",
+            "|---|---|---|---|---|",
+        ]
+        cells: dict = {}
+        for r in res["jacobi_cost"]:
+            cells.setdefault((r["shape"], r["qr"]), {})[r["jacobi_steps"]] = r["ms_per_matrix"]
+        for (shape, qr), v in cells.items():
+            lines.append(f"| {shape} | {qr} | " + " | ".join(f"{v[j]:.2f}" for j in sorted(v)) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def run(
     device: torch.device, shapes, kinds=("gauss", "power"), batch: int = 4, drift_shape=(512, 256)
 ) -> dict:
@@ -239,11 +409,23 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--real",
+        action="store_true",
+        help="only the bases' errors along the recorded inputs of a short real training run",
+    )
+    ap.add_argument("--real_steps", type=int, default=60)
     a = ap.parse_args(argv)
     device = torch.device(a.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    if a.real:
+        res = real_gradients(device, steps=8 if a.quick else a.real_steps, d=64 if a.quick else 256)
+        print(format_real_md(res, name))
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=1))
+        return res
     shapes = [(96, 64)] if a.quick else [(768, 768), (3072, 768), (768, 2304)]
     res = run(device, shapes, drift_shape=(96, 48) if a.quick else (512, 256))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     text = format_md(res, name)
     print(text)
     if a.json:

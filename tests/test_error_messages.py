@@ -56,6 +56,8 @@ def _exact(msg):
         (dict(max_consecutive_skips=True), "max_consecutive_skips must be a positive integer, got True"),
         (dict(refresh_every=0), "refresh_every must be a positive integer, got 0"),
         (dict(ns_steps=1.5), "ns_steps must be a positive integer, got 1.5"),
+        (dict(jacobi_steps=-1), "jacobi_steps must be an integer >= 0 (0: power step only), got -1"),
+        (dict(jacobi_steps=True), "jacobi_steps must be an integer >= 0 (0: power step only), got True"),
         (dict(rank=0), "rank must be a positive integer or None, got 0"),
         (dict(damping=-1.0), "damping must be >= 0, got -1.0"),
         (dict(damping=float("nan")), "damping must be a finite number >= 0, got nan"),

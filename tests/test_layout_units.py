@@ -432,7 +432,7 @@ def test_the_engines_plan_weights_each_matrix_by_its_method():
         [
             {"params": [a.weight], "alpha": 1.0},
             {"params": [b.weight], "alpha": 2.0},
-            {"params": [c.weight], "alpha": 1.5},
+            {"params": [c.weight], "alpha": 1.5, "jacobi_steps": 2},
         ],
         lr=0.01,
     )
@@ -444,6 +444,12 @@ def test_the_engines_plan_weights_each_matrix_by_its_method():
         [
             method_cost((16, 48), "polar_express"),
             method_cost((48, 16), "cholesky"),
-            method_cost((16, 16), "eigenbasis"),
+            method_cost((16, 16), "eigenbasis", jacobi_steps=2),
         ]
+    )
+    # each Jacobi step costs about a power step: the plan weighs it
+    assert (
+        method_cost((16, 16), "eigenbasis", 2)
+        > method_cost((16, 16), "eigenbasis", 1)
+        > method_cost((16, 16), "eigenbasis")
     )

@@ -141,10 +141,16 @@ def _train(model, opt, steps, start=0, sched=None):
             sched.step()
 
 
-@pytest.mark.parametrize("basis", ["svd", "gram", "tracked", "eigenbasis", "auto"])
+@pytest.mark.parametrize("basis", ["svd", "gram", "tracked", "eigenbasis", "eigenbasis+jacobi", "auto"])
 def test_resume_is_exact(basis, tmp_path):
+    basis, _, jac = basis.partition("+")
     opts = dict(
-        lr=0.02, basis=basis, rank=3 if basis == "tracked" else None, refresh_every=3, weight_decay=0.01
+        lr=0.02,
+        basis=basis,
+        rank=3 if basis == "tracked" else None,
+        refresh_every=3,
+        weight_decay=0.01,
+        jacobi_steps=2 if jac else 0,
     )
     ref = _model()
     ref_opt = SpectralNewton.from_model(ref, **opts)
@@ -308,3 +314,36 @@ def test_boundary_arguments_are_valid():
     ):
         opt = SpectralNewton([p], **kwargs)
         assert isinstance(opt.param_groups[0]["adamw_betas"], tuple), kwargs
+
+
+def test_jacobi_steps_reach_the_batched_eigenbasis(monkeypatch):
+    """The group's jacobi_steps reaches eigenbasis_batched (the path of every engine's owner), changes the
+    step, and a per-group value applies to that group only."""
+    from spectral_dist.optim import matrix_step as ms
+
+    seen = []
+    real = ms.eigenbasis_batched
+
+    def spy(*a, **kw):
+        seen.append(kw["jacobi_steps"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ms, "eigenbasis_batched", spy)
+    finals = {}
+    for jac in (0, 1):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 6, bias=False), nn.Tanh(), nn.Linear(6, 5, bias=False))
+        groups = [
+            {"params": [model[0].weight], "jacobi_steps": jac},
+            {"params": [model[2].weight], "jacobi_steps": 0},
+        ]
+        opt = SpectralNewton(groups, lr=0.05, alpha=1.5, basis="eigenbasis", distributed=False)
+        seen.clear()
+        for i in range(4):
+            x = torch.randn(16, 8, generator=torch.Generator().manual_seed(i))
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+        assert sorted(seen) == sorted([jac, 0] * 4), seen
+        finals[jac] = [p.detach().clone() for p in model.parameters()]
+    assert not torch.equal(finals[0][0], finals[1][0])  # the first layer's steps differ

@@ -73,6 +73,12 @@ def stage_accuracy(device, quick: bool) -> dict:
     return basis_accuracy.run(device, shapes, drift_shape=(96, 48) if quick else (512, 256))
 
 
+def stage_real_accuracy(device, quick: bool) -> dict:
+    """The bases along a real run's recorded inputs (CPU-recorded, evaluated on the device), and what the
+    eigenbasis's Jacobi steps cost on it (docs/benchmarks.md, "real gradients")."""
+    return basis_accuracy.real_gradients(device, steps=8 if quick else 60, d=64 if quick else 256)
+
+
 def _lr_lambda(steps: int, warmup: int):
     def f(t):
         if t < warmup:
@@ -161,6 +167,9 @@ def to_markdown(res: dict) -> str:
     acc = res.get("accuracy")
     if acc:
         lines.append(basis_accuracy.format_md(acc, res["device"]))
+    real = res.get("real_accuracy")
+    if real:
+        lines.append(basis_accuracy.format_real_md(real, res["device"]))
     tr = res.get("training")
     if tr:
         lines += [
@@ -186,7 +195,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--budget", type=float, default=450.0, help="seconds; later stages are skipped past it")
     ap.add_argument("--train_steps", type=int, default=300)
     ap.add_argument("--train_tokens", type=int, default=16384)
-    ap.add_argument("--stages", nargs="*", default=["step_cost", "accuracy", "training"])
+    ap.add_argument("--stages", nargs="*", default=["step_cost", "accuracy", "training", "real_accuracy"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "gpu" / "results"))
     a = ap.parse_args(argv)
     device = torch.device(a.device)
@@ -206,6 +215,7 @@ def main(argv=None) -> dict:
         "step_cost": lambda: stage_step_cost(device, a.quick),
         "accuracy": lambda: stage_accuracy(device, a.quick),
         "training": lambda: stage_training(device, a.quick, a.train_steps, a.train_tokens),
+        "real_accuracy": lambda: stage_real_accuracy(device, a.quick),
     }
     for name in a.stages:
         if time.perf_counter() - t_start > a.budget:

@@ -326,7 +326,9 @@ class _ZeroEngine(OwnerEngine):
                 if s.kind == "matrix":
                     meta = opt.state.get(s.flat, {}).get("params", {}).get(s.key, {})  # read, never create
                     alpha = opt.resolve_alpha_meta(meta, s.group)
-                    costs[s.key] = ms.method_cost(s.mshape, ms.method_of(s.group, alpha, s.flat.device))
+                    costs[s.key] = ms.method_cost(
+                        s.mshape, ms.method_of(s.group, alpha, s.flat.device), s.group["jacobi_steps"]
+                    )
         self.plan = build_plan(layouts, self.world_size, costs)
 
     @functools.cached_property

@@ -68,10 +68,11 @@ def basis_shape(shape, group: Mapping, method: str) -> tuple[int, int]:
     return (min(m, n), r) if method == "eigenbasis" else (n, r)
 
 
-def method_flops(shape, method: str, steps: int = 5) -> int:
+def method_flops(shape, method: str, steps: int = 5, jacobi_steps: int = 0) -> int:
     """Approximate flops of one matrix's direction by ``method`` (k = min(m, n), l = max(m, n); a matmul of
     a x b by b x c is 2 a b c). LAPACK counts from Golub & Van Loan (thin R-SVD 6 l k^2 + 20 k^3, symmetric eigh
-    with vectors ~9 k^3); ``steps``: Newton-Schulz / Polar Express iterations."""
+    with vectors ~9 k^3); ``steps``: Newton-Schulz / Polar Express iterations; ``jacobi_steps``: the
+    eigenbasis's Jacobi steps (each B^T B and X Q', 2 l k^2 each, Q (I + K) and the QR, ~5 k^3)."""
     m, n = int(shape[0]), int(math.prod(int(s) for s in shape[1:]))
     k, ln = min(m, n), max(m, n)
     if method in ("polar_express", "newton_schulz"):
@@ -81,7 +82,7 @@ def method_flops(shape, method: str, steps: int = 5) -> int:
     if method == "cholesky":  # Gram and G P (2 l k^2 each), Cholesky, L^-1, L^-T L^-1 (~3 k^3)
         return 4 * ln * k * k + 3 * k**3
     if method == "eigenbasis":  # Gram, X Q, (B w) Q^T (2 l k^2 each), A Q and the k x k QR (~5 k^3)
-        return 6 * ln * k * k + 5 * k**3
+        return 6 * ln * k * k + 5 * k**3 + int(jacobi_steps) * (4 * ln * k * k + 5 * k**3)
     if method == "gram":  # Gram and G P (2 l k^2 each), eigh ~9 k^3, Q w Q^T 2 k^3
         return 4 * ln * k * k + 11 * k**3
     if method in ("svd", "tracked"):  # tracked: its refresh
@@ -89,13 +90,13 @@ def method_flops(shape, method: str, steps: int = 5) -> int:
     raise ValueError(f"unknown method {method!r}")
 
 
-def method_cost(shape, method: str) -> int:
+def method_cost(shape, method: str, jacobi_steps: int = 0) -> int:
     """What the owner plan balances: :func:`method_flops`, with SVD and eigh weighted by how far below matmul
     speed they run (float64 eigh for ``"gram"``: measured 3.1x a batched Muon step at GPT-2 shapes on CPU).
     Polar Express's Gram form costs 2.7x a Cholesky step at 768 x 3072 (measured 2.3x on CPU), so balancing
     on m n min(m, n) alone put both of a GPT-2 layer pair's MLP-down matrices on one rank."""
     slowdown = {"gram": 3, "svd": 4, "tracked": 4}.get(method, 1)
-    return slowdown * method_flops(shape, method)
+    return slowdown * method_flops(shape, method, jacobi_steps=jacobi_steps)
 
 
 def method_of(group: Mapping, alpha: float, device) -> str:
@@ -194,6 +195,7 @@ def _one(job: DirectionJob, method: str | None = None) -> DirectionResult:
             rank=g["rank"],
             refresh_every=g["refresh_every"],
             ns_steps=g["ns_steps"],
+            jacobi_steps=g["jacobi_steps"],
             counter=counter,
             check_finite=False,  # the engine skipped non-finite gradients before the momentum
         )
@@ -303,17 +305,25 @@ def _phase(job: DirectionJob) -> tuple:
     Q = tr.get("basis")
     step = int(tr.get("step", 0))
     init = Q is None or tuple(Q.shape) != basis_shape(job.M.shape, g, "eigenbasis") or step == 0
-    return step, init, g["rank"], int(g["refresh_every"])
+    return step, init, g["rank"], int(g["refresh_every"]), int(g["jacobi_steps"])
 
 
 def _eigenbasis_batch(bjobs: list[DirectionJob], bkey: tuple):
     """One batched eigenbasis step for same-shape, same-phase matrices: (jobs, D, ok, new bases, refreshes)."""
     g, first = bjobs[0].group, bjobs[0]
-    step, init = bkey[-4], bkey[-3]
+    step, init = bkey[-5], bkey[-4]
     X = torch.stack([j.M for j in bjobs])
     Q = None if init else torch.stack([j.tracked["basis"].to(X.device) for j in bjobs])
     qr = "cholesky" if X.device.type == "cuda" else "householder"  # reasons: eigenbasis_batched
     D, Qn, ok = eigenbasis_batched(
-        X, first.alpha, g["damping"], Q, step, g["rank"], g["refresh_every"], qr=qr
+        X,
+        first.alpha,
+        g["damping"],
+        Q,
+        step,
+        g["rank"],
+        g["refresh_every"],
+        qr=qr,
+        jacobi_steps=g["jacobi_steps"],
     )
     return bjobs, scale_directions(D, g), ok, Qn.unbind(0), int(init)

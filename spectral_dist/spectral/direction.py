@@ -27,6 +27,7 @@ docs/benchmarks.md.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -46,6 +47,7 @@ __all__ = [
     "direction_unchecked",
     "eigenbasis_batched",
     "eigenbasis_direction",
+    "jacobi_rotate",
     "newton_schulz",
     "polar_express",
     "spectral_direction",
@@ -93,10 +95,12 @@ def auto_method(alpha: float, damping: float, device) -> str:
       (its Gram form for rectangular shapes), 8% error on the direction against 19% for Muon's polynomial.
       On CUDA the optimizer runs it in bf16, as Muon does (on CPU bf16 matmuls are slow).
     * any other alpha: ``"eigenbasis"``: matmuls plus one k x k QR per matrix and step (Householder on CPU,
-      CholeskyQR2 on CUDA: :func:`eigenbasis_batched`), 0.7-10% error along drifting gradients
-      (refresh_every=1). The exact alternative, ``"gram"`` (float64 eigh), measured 3.1x the cost of
-      Muon's step at GPT-2 shapes on CPU, and eigh runs far below matmul speed on GPUs; in float32 an eigh of the
-      Gram matrix loses the directions that carry the update.
+      CholeskyQR2 on CUDA: :func:`eigenbasis_batched`), 0.7-10% error along a synthetic drifting sequence
+      but ~23% (CPU) and ~53% (CUDA's QR) along a real run's attention inputs; the optimizer's
+      ``jacobi_steps`` (:func:`jacobi_rotate`) trade cost for accuracy there. The exact alternative,
+      ``"gram"`` (float64 eigh), measured 3.1x the cost of Muon's step at GPT-2 shapes on CPU, and eigh runs
+      far below matmul speed on GPUs; in float32 an eigh of the Gram matrix loses the directions that carry
+      the update.
     * alpha = 2 without damping: ``"gram"`` (the exact pseudo-inverse with its rank floor).
 
     ``device`` is accepted so that per-device choices stay in one place; today the method does not depend on
@@ -302,6 +306,36 @@ def _small_side(G: torch.Tensor):
     return (G.mT if wide else G), wide
 
 
+def jacobi_rotate(X: torch.Tensor, Q: torch.Tensor, B: torch.Tensor, qr: str = "householder"):
+    """One parallel Jacobi step on an eigenbasis: (Q', B' = X Q', ok), for X (..., m, k), Q (..., k, r) with
+    orthonormal columns and B = X Q.
+
+    C = B^T B = Q^T A Q (A = X^T X) is diagonal exactly when Q spans eigenvectors. Every pair (i, j) is rotated
+    at once by the Jacobi angle theta_ij = atan(2 C_ij / (C_jj - C_ii)) / 2 (|theta| <= pi/4): Q' = qr(Q (I + K)),
+    K = (theta) skew-symmetric, the first-order eigenvector correction where the gaps are large, bounded where
+    they are not. Subspace iteration (A Q, then QR) moves direction i by the ratio of neighbouring eigenvalues,
+    near 1 in the bulk of a gradient's spectrum, which is where the directions that carry an alpha > 1 update
+    lie; a Jacobi step moves them by C_ij / gap. Measured on the recorded inputs of a real training run
+    (``benchmarks/basis_accuracy.py --real``): one step after the power step cut the top-direction error of the
+    eigenbasis at alpha 1.65 from 23% to 15%, two to 9% (CholeskyQR: 53%, 31%, 21%). It does not replace the
+    power step, which moves the top of the spectrum (Jacobi steps alone measured far worse in exploratory runs).
+
+    C is formed from B, not from A: its entries then scale with sigma_i sigma_j, so the small directions'
+    off-diagonal terms are resolved (a formed A's rounding error, ~sqrt(k) eps sigma_1^2, would swamp them).
+    Cost: C (2 l r^2), Q (I + K) (2 k r^2), the QR, and B' (2 l k r); ``ok`` (Cholesky QR only) as in
+    :func:`eigenbasis_batched`."""
+    C = B.mT @ B
+    lam = C.diagonal(dim1=-2, dim2=-1)
+    gap = lam.unsqueeze(-2) - lam.unsqueeze(-1)  # gap[..., i, j] = C_jj - C_ii
+    theta = 0.5 * torch.atan2(2 * C * torch.where(gap < 0, -1.0, 1.0), gap.abs()).triu(1)
+    Y = Q + Q @ (theta - theta.mT)  # Q (I + K)
+    if qr == "cholesky":
+        Y, ok = _cholesky_qr(Y)
+    else:
+        Y, ok = torch.linalg.qr(Y)[0], None
+    return Y, X @ Y, ok
+
+
 def eigenbasis_direction(
     G: torch.Tensor,
     alpha: float,
@@ -310,6 +344,7 @@ def eigenbasis_direction(
     rank: int | None = None,
     refresh_every: int = 10,
     counter: dict | None = None,
+    jacobi_steps: int = 0,
 ) -> torch.Tensor:
     """Spectral direction in an eigenbasis of the smaller Gram matrix kept across calls (SOAP-style; any alpha,
     matmuls plus a QR every ``refresh_every`` calls).
@@ -318,8 +353,8 @@ def eigenbasis_direction(
     orthonormal columns: right singular vectors of a tall G, left ones of a wide G) and ``step``. Write X for G
     (tall) or G^T (wide), so that X^T X is k x k. Without a basis (first call, another shape) Q is the top-r
     singular vectors of an SVD (counted in ``counter['refreshes']``); every ``refresh_every`` calls it is
-    refined by one step of subspace iteration Q <- qr(A Q), A = X^T X (Householder QR, k x k).
-    Every call: B = X Q, d_i = ||B e_i|| (sigma_i, measured without squaring), D = B diag(f(d)) Q^T with
+    refined by one step of subspace iteration Q <- qr(A Q), A = X^T X (Householder QR, k x k), then by
+    ``jacobi_steps`` parallel Jacobi steps (:func:`jacobi_rotate`). Every call: B = X Q, d_i = ||B e_i|| (sigma_i, measured without squaring), D = B diag(f(d)) Q^T with
     f(s) = 1 / (s^alpha + lambda), transposed back for a wide G; the part of X outside span(Q)
     (r < k) gets the factor of the weakest tracked direction, as ``tracked``'s ``"scaled"`` residual. Exact
     when Q is an eigenbasis; between refreshes the error grows with the drift of G's singular vectors
@@ -333,15 +368,19 @@ def eigenbasis_direction(
     step = int(state.get("step", 0))
     Q = state.get("basis")
     counter = {} if counter is None else counter
+    refine = False
     if Q is None or tuple(Q.shape) != (n, r) or step == 0:
         _, _, Vh = robust_svd(X, counter)
         Q = Vh[:r].mT
         counter["refreshes"] = counter.get("refreshes", 0) + 1
     else:
         Q = Q.to(X.dtype)
-        if step % max(1, refresh_every) == 0:
+        refine = step % max(1, refresh_every) == 0
+        if refine:
             Q, _ = torch.linalg.qr((X.mT @ X) @ Q)
     B = X @ Q
+    for _ in range(int(jacobi_steps) if refine else 0):
+        Q, B, _ = jacobi_rotate(X, Q, B)
     sigma = B.norm(dim=0)
     w = inverse_transform(sigma, alpha, damping, rank_floor(m, n, sigma.dtype))
     D = (B * w) @ Q.mT
@@ -365,6 +404,7 @@ def eigenbasis_batched(
     rank: int | None = None,
     refresh_every: int = 1,
     qr: str = "householder",
+    jacobi_steps: int = 0,
 ):
     """:func:`eigenbasis_direction` for a batch X (b, m, n) whose matrices share ``step``: (D, Q_new, ok),
     without host syncs (beyond the SVD's info check when ``Q`` is None or ``step`` is 0, the initialisation).
@@ -384,25 +424,31 @@ def eigenbasis_batched(
 
     Cost per matrix (l = max(m, n), r = k): the Gram product l k^2, B = X Q and D = (B w) Q^T 2 l k^2 (matmuls,
     2 flops each), A Q k^3, and the QR (Householder 4/3 k^3; CholeskyQR2 2 x (k^3 Gram + k^3/3 Cholesky +
-    k^3 triangular solve))."""
+    k^3 triangular solve)); each of the ``jacobi_steps`` (:func:`jacobi_rotate`, after the power step) adds
+    2 l r^2 + 2 k r^2 + 2 l k r and a QR."""
     if qr not in EIGENBASIS_QR:
         raise ValueError(f"qr must be one of {EIGENBASIS_QR}, got {qr!r}")
     X, wide = _small_side(X)
     m, n = X.shape[-2:]
     r = n if rank is None else min(int(rank), n)
     chol_ok = None
+    refine = False
     if Q is None or step == 0:
         _, _, Vh = torch.linalg.svd(X, full_matrices=False)
         Q = Vh[:, :r].mT
     else:
         Q = Q.to(X.dtype)
-        if step % max(1, refresh_every) == 0:
+        refine = step % max(1, refresh_every) == 0
+        if refine:
             A = X.mT @ X
             if qr == "cholesky":
                 Q, chol_ok = _cholesky_qr(A @ Q + eigenbasis_shift(A) * Q)
             else:
                 Q, _ = torch.linalg.qr(A @ Q)
     B = X @ Q
+    for _ in range(int(jacobi_steps) if refine else 0):
+        Q, B, j_ok = jacobi_rotate(X, Q, B, qr)
+        chol_ok = chol_ok if j_ok is None else chol_ok & j_ok
     sigma = B.norm(dim=-2)  # (b, r)
     w = inverse_transform(sigma, alpha, damping, rank_floor(m, n, sigma.dtype))
     D = (B * w.unsqueeze(-2)) @ Q.mT
@@ -506,6 +552,18 @@ def tracked_direction(
     return D
 
 
+# The optimizer's default number of parallel Jacobi steps per eigenbasis refresh (reasons: SpectralNewton's
+# ``jacobi_steps`` and docs/benchmarks.md).
+JACOBI_STEPS = 0
+
+
+def check_jacobi_steps(n) -> int:
+    """``jacobi_steps`` as an int >= 0, or a ValueError that says what to pass."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"jacobi_steps must be an integer >= 0 (0: power step only), got {n!r}")
+    return n
+
+
 def _check_method(method: str, alpha: float) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {BASES}, got {method!r}")
@@ -561,6 +619,7 @@ def spectral_direction(
     ns_coefficients: str = "quintic",
     counter: dict | None = None,
     check_finite: bool = True,
+    jacobi_steps: int = 0,
 ) -> torch.Tensor:
     """U diag(T(sigma; alpha)) V^T for G = U diag(sigma) V^T of shape (..., m, n).
 
@@ -580,6 +639,7 @@ def spectral_direction(
             :func:`polar_express`).
         counter: optional dict; ``retries`` and ``refreshes`` are incremented in it.
         check_finite: raise ValueError on a non-finite G (callers that already checked pass False).
+        jacobi_steps: ``"eigenbasis"``: parallel Jacobi steps after each power step (:func:`jacobi_rotate`).
     """
     G = _as_matrix(G)
     alpha = check_alpha(alpha)
@@ -615,7 +675,10 @@ def spectral_direction(
     else:
         if rank is not None and int(rank) <= 0:
             raise ValueError(f"rank must be a positive integer or None, got {rank!r}")
-        fn = tracked_direction if method == "tracked" else eigenbasis_direction
+        if method == "tracked":
+            fn = tracked_direction
+        else:
+            fn = functools.partial(eigenbasis_direction, jacobi_steps=check_jacobi_steps(jacobi_steps))
         st = {} if state is None else state
         if X.ndim == 2:
             D = fn(X, alpha, damping, st, rank, refresh_every, counter=counter)
