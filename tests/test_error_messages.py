@@ -150,6 +150,7 @@ def test_documented_defaults():
         basis="auto",
         rank=None,
         refresh_every=1,
+        jacobi_steps=0,
         adamw_lr=None,
         adamw_betas=(0.9, 0.95),
         adamw_eps=1e-8,
