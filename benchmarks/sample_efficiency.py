@@ -43,7 +43,9 @@ from spectral_dist import models  # noqa: E402
 from spectral_dist.optim import SpectralNewton  # noqa: E402
 from spectral_dist.optim.classify import classify_parameters  # noqa: E402
 
-OPTIMIZERS = ("adamw", "muon", "sn", "sn_d1e-3", "sn_d1e-2", "sn_a1")
+# sn_j2: the eigenbasis with 2 Jacobi steps (jacobi_steps=2); sn_exact: basis="gram" (float64 eigh, exact for
+# every alpha). Both only on request (--optimizers): do the bases' errors matter for training?
+OPTIMIZERS = ("adamw", "muon", "sn", "sn_d1e-3", "sn_d1e-2", "sn_a1", "sn_j2", "sn_exact")
 NO_DECAY = ("norm", "bias", "vector", "embedding")
 
 
@@ -100,7 +102,8 @@ def build_model(name: str) -> torch.nn.Module:
 
 
 def build_optimizer(name: str, model: torch.nn.Module, lr: float, wd: float = 0.01):
-    """adamw | muon | sn (damping 1e-4) | sn_d1e-3 | sn_d1e-2 | sn_a1 (alpha = 1 for every matrix)."""
+    """adamw | muon | sn (damping 1e-4) | sn_d1e-3 | sn_d1e-2 | sn_a1 (alpha = 1 for every matrix) | sn_j2
+    (jacobi_steps=2) | sn_exact (basis="gram")."""
     infos = classify_parameters(model)
     decay = [i.param for i in infos if i.layer_type not in NO_DECAY]
     rest = [i.param for i in infos if i.layer_type in NO_DECAY]
@@ -127,8 +130,9 @@ def build_optimizer(name: str, model: torch.nn.Module, lr: float, wd: float = 0.
     if name.startswith("sn"):
         damping = {"sn_d1e-3": 1e-3, "sn_d1e-2": 1e-2}.get(name, 1e-4)
         alpha = 1.0 if name == "sn_a1" else "by_layer"
+        extra = {"sn_j2": dict(jacobi_steps=2), "sn_exact": dict(basis="gram")}.get(name, {})
         return SpectralNewton.from_model(
-            model, alpha=alpha, lr=lr, damping=damping, weight_decay=wd, adamw_weight_decay=0.0
+            model, alpha=alpha, lr=lr, damping=damping, weight_decay=wd, adamw_weight_decay=0.0, **extra
         )
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
