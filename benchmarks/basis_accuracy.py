@@ -226,7 +226,9 @@ def record_inputs(steps: int = 60, d: int = 256, layers: int = 2, seq: int = 128
     return out, float(loss.detach())
 
 
-def real_gradients(device: torch.device, steps: int = 60, d: int = 256, progress: bool = True) -> dict:
+def real_gradients(
+    device: torch.device, steps: int = 60, d: int = 256, progress: bool = True, cost: bool = True
+) -> dict:
     """Top-direction error of each basis along the recorded inputs of a real training run
     (:func:`record_inputs`): stateful bases are carried through the sequence as the optimizer carries them
     (first step: an SVD, not counted). Rows: median over matrices of each matrix's median error over all
@@ -269,7 +271,10 @@ def real_gradients(device: torch.device, steps: int = 60, d: int = 256, progress
         for (lt, a, label), v in per.items()
     ]
     shapes = [(64, 64)] if d < 256 else [(768, 768), (768, 2304)]
-    return {"rows": rows, "steps": steps, "d": d, "loss": loss, "jacobi_cost": jacobi_cost(device, shapes)}
+    out = {"rows": rows, "steps": steps, "d": d, "loss": loss}
+    if cost:  # and what the Jacobi steps cost on this device
+        out["jacobi_cost"] = jacobi_cost(device, shapes)
+    return out
 
 
 def jacobi_cost(device: torch.device, shapes, batch: int = 4, seed: int = 0) -> list[dict]:
@@ -294,17 +299,21 @@ def jacobi_cost(device: torch.device, shapes, batch: int = 4, seed: int = 0) -> 
     return rows
 
 
-def format_real_md(res: dict, device_name: str) -> str:
-    lines = [
-        f"Bases on the recorded inputs of a real run (GPT-2-style, d={res['d']}, 2 layers, byte tokens of the "
-        f"standard library, SpectralNewton by layer, {res['steps']} steps, final loss {res['loss']:.2f}), "
-        f"computed on {device_name} in float32; top-direction error against the float64 SVD (median over the "
-        "layer type's matrices of each matrix's median over the steps; `late`: second half of the run; max: "
-        "worst step of any matrix):",
-        "",
-        "| layer type | alpha | method | matrices | top error median | late | max |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def format_real_md(res: dict, device_name: str, cost_only: bool = False) -> str:
+    lines = (
+        []
+        if cost_only
+        else [
+            f"Bases on the recorded inputs of a real run (GPT-2-style, d={res['d']}, 2 layers, byte tokens of the "
+            f"standard library, SpectralNewton by layer, {res['steps']} steps, final loss {res['loss']:.2f}), "
+            f"computed on {device_name} in float32; top-direction error against the float64 SVD (median over the "
+            "layer type's matrices of each matrix's median over the steps; `late`: second half of the run; max: "
+            "worst step of any matrix):",
+            "",
+            "| layer type | alpha | method | matrices | top error median | late | max |",
+            "|---|---|---|---|---|---|---|",
+        ]
+    )
     for r in res["rows"]:
         lines.append(
             f"| {r['layer_type']} | {r['alpha']:g} | {r['method']} | {r['matrices']} | {r['median']:.3f} | "

@@ -15,6 +15,7 @@ that reach it). Results go to stdout, JSON, and with --write to benchmarks/RESUL
     python benchmarks/sample_efficiency.py               # the default budget (~10-15 min, idle 2-core CPU)
     python benchmarks/sample_efficiency.py --tasks vit_digits --optimizers muon sn sn_d1e-2 --lrs 3e-3 1e-2
     python benchmarks/sample_efficiency.py --quick       # seconds: one seed, one lr, few steps
+    python benchmarks/sample_efficiency.py --tasks gpt_bytes_d256   # d = 256: default vs Jacobi vs exact bases
 """
 
 from __future__ import annotations
@@ -72,7 +73,12 @@ TASKS = {
     "gpt_bytes": TaskSpec(
         "gpt_bytes", "loss", 200, 20, 16, ("adamw", "muon", "sn", "sn_a1"), (1e-3, 3e-3, 1e-2, 3e-2)
     ),
+    # 4x wider (d = 256, the width of basis_accuracy.py --real), on request only (--tasks): ~10x the time
+    "gpt_bytes_d256": TaskSpec(
+        "gpt_bytes_d256", "loss", 300, 30, 16, ("adamw", "sn", "sn_j2", "sn_exact"), (3e-3, 1e-2)
+    ),
 }
+DEFAULT_TASKS = ("cnn_digits", "vit_digits", "gpt_bytes")
 SEQ_LEN = 64
 _DATA: dict = {}
 
@@ -80,7 +86,7 @@ _DATA: dict = {}
 def task_data(name: str):
     """(train, val) tensors of a task, cached per process: digits 8x8 (1 channel) or stdlib bytes."""
     if name not in _DATA:
-        if name == "gpt_bytes":
+        if name.startswith("gpt_bytes"):
             train, val = stdlib_corpus(max_bytes=1_000_000)
             n = 32
             vb = torch.stack([val[i * (SEQ_LEN + 1) : (i + 1) * (SEQ_LEN + 1)] for i in range(n)]).long()
@@ -98,6 +104,8 @@ def build_model(name: str) -> torch.nn.Module:
         return models.tiny_vit(image_size=8, patch_size=2, hidden=64, layers=2, heads=4, channels=1)
     if name == "gpt_bytes":
         return models.tiny_gpt(n_positions=SEQ_LEN + 1, n_embd=64, n_layer=2, n_head=2)
+    if name == "gpt_bytes_d256":
+        return models.tiny_gpt(n_positions=SEQ_LEN + 1, n_embd=256, n_layer=2, n_head=4)
     raise ValueError(f"unknown task {name!r}; choose from {list(TASKS)}")
 
 
@@ -140,7 +148,7 @@ def build_optimizer(name: str, model: torch.nn.Module, lr: float, wd: float = 0.
 @torch.no_grad()
 def evaluate(task: str, model) -> float:
     model.eval()
-    if task == "gpt_bytes":
+    if task.startswith("gpt_bytes"):
         val = task_data(task)[1]
         v = models.lm_loss(model, val).item()
     else:
@@ -164,7 +172,7 @@ def train_run(task: str, opt_name: str, lr: float, seed: int, steps: int, eval_e
     curve = []
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        if task == "gpt_bytes":
+        if task.startswith("gpt_bytes"):
             starts = torch.randint(0, data[0].numel() - SEQ_LEN - 1, (batch_size,), generator=g).tolist()
             batch = torch.stack([data[0][s : s + SEQ_LEN + 1] for s in starts]).long()
             loss = models.lm_loss(model, batch)
@@ -373,7 +381,7 @@ def machine() -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--tasks", nargs="*", default=list(DEFAULT_TASKS), choices=list(TASKS))
     ap.add_argument("--lrs", type=float, nargs="*", default=None, help="lr grid (default: each task's)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None, help="override every task's step budget")

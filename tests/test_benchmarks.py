@@ -112,6 +112,10 @@ def test_optimizer_kinds():
     assert conv["alpha"] == 2.0 and conv["damping"] == 1e-2
     a1 = se.build_optimizer("sn_a1", model, 1e-3)
     assert all(g["alpha"] == 1.0 for g in a1.param_groups if g["spectral"])
+    j2, exact = se.build_optimizer("sn_j2", model, 1e-3), se.build_optimizer("sn_exact", model, 1e-3)
+    assert all(g["jacobi_steps"] == 2 and g["basis"] == "auto" for g in j2.param_groups)
+    assert all(g["jacobi_steps"] == 0 and g["basis"] == "gram" for g in exact.param_groups)
+    assert "gpt_bytes_d256" in se.TASKS and "gpt_bytes_d256" not in se.DEFAULT_TASKS  # on request only
     # torch.optim.Muon takes 2-D matrices only: the CNN has none (4-D kernels, AdamW head), so "muon" is AdamW
     assert isinstance(se.build_optimizer("muon", model, 1e-3), torch.optim.AdamW)
     vit_muon = se.build_optimizer("muon", se.build_model("vit_digits"), 1e-3)

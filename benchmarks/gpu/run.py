@@ -73,10 +73,21 @@ def stage_accuracy(device, quick: bool) -> dict:
     return basis_accuracy.run(device, shapes, drift_shape=(96, 48) if quick else (512, 256))
 
 
+# seconds a stage needs left in the budget to start (the last stage must not push the run past 8 minutes)
+STAGE_RESERVE_S = {"real_accuracy": 150.0}
+
+
+def stage_jacobi_cost(device, quick: bool) -> dict:
+    """ms per matrix of an eigenbasis refresh step with 0, 1, 2 Jacobi steps, both QRs (seconds on a GPU): what
+    a per-device default for ``jacobi_steps`` needs."""
+    shapes = [(64, 64)] if quick else [(768, 768), (768, 2304)]
+    return {"rows": basis_accuracy.jacobi_cost(device, shapes)}
+
+
 def stage_real_accuracy(device, quick: bool) -> dict:
-    """The bases along a real run's recorded inputs (CPU-recorded, evaluated on the device), and what the
-    eigenbasis's Jacobi steps cost on it (docs/benchmarks.md, "real gradients")."""
-    return basis_accuracy.real_gradients(device, steps=8 if quick else 60, d=64 if quick else 256)
+    """The bases along a real run's recorded inputs (CPU-recorded, evaluated on the device; docs/benchmarks.md).
+    Last, with a reserve: about 2 minutes, so it runs only when the others left that much of the budget."""
+    return basis_accuracy.real_gradients(device, steps=8 if quick else 60, d=64 if quick else 256, cost=False)
 
 
 def _lr_lambda(steps: int, warmup: int):
@@ -167,6 +178,11 @@ def to_markdown(res: dict) -> str:
     acc = res.get("accuracy")
     if acc:
         lines.append(basis_accuracy.format_md(acc, res["device"]))
+    jc = res.get("jacobi_cost")
+    if jc:
+        lines.append(
+            basis_accuracy.format_real_md({"rows": [], "jacobi_cost": jc["rows"]}, res["device"], True)
+        )
     real = res.get("real_accuracy")
     if real:
         lines.append(basis_accuracy.format_real_md(real, res["device"]))
@@ -195,7 +211,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--budget", type=float, default=450.0, help="seconds; later stages are skipped past it")
     ap.add_argument("--train_steps", type=int, default=300)
     ap.add_argument("--train_tokens", type=int, default=16384)
-    ap.add_argument("--stages", nargs="*", default=["step_cost", "accuracy", "training", "real_accuracy"])
+    ap.add_argument(
+        "--stages", nargs="*", default=["step_cost", "accuracy", "jacobi_cost", "training", "real_accuracy"]
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "gpu" / "results"))
     a = ap.parse_args(argv)
     device = torch.device(a.device)
@@ -215,10 +233,11 @@ def main(argv=None) -> dict:
         "step_cost": lambda: stage_step_cost(device, a.quick),
         "accuracy": lambda: stage_accuracy(device, a.quick),
         "training": lambda: stage_training(device, a.quick, a.train_steps, a.train_tokens),
+        "jacobi_cost": lambda: stage_jacobi_cost(device, a.quick),
         "real_accuracy": lambda: stage_real_accuracy(device, a.quick),
     }
     for name in a.stages:
-        if time.perf_counter() - t_start > a.budget:
+        if time.perf_counter() - t_start > a.budget - STAGE_RESERVE_S.get(name, 0.0):
             res["stage_status"][name] = "skipped (budget)"
             continue
         t0 = time.perf_counter()

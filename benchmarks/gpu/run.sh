@@ -7,8 +7,10 @@
 #
 # Checks: (1) step overhead at GPT-2-small and ViT-B/16 shapes (optimizer step; full step at 4k, 16k and 64k
 # tokens) against torch AdamW (foreach) and a batched Muon; (2) every basis against the CPU float64 SVD
-# reference (errors, FLOPs, ms per matrix); (3) a short GPT-2-small training run on the standard library's
-# source bytes: SpectralNewton (default basis) against AdamW and Muon.
+# reference (errors, FLOPs, ms per matrix); (3) the cost of the eigenbasis's Jacobi steps (jacobi_steps 0, 1,
+# 2; both QRs); (4) a short GPT-2-small training run on the standard library's source bytes: SpectralNewton
+# (default basis) against AdamW and Muon; (5) if 150 s of the budget are left, every basis along a real run's
+# recorded inputs (basis_accuracy.py --real).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY="${PYTHON:-python}"
