@@ -311,9 +311,9 @@ def jacobi_rotate(X: torch.Tensor, Q: torch.Tensor, B: torch.Tensor, qr: str = "
     orthonormal columns and B = X Q.
 
     C = B^T B = Q^T A Q (A = X^T X) is diagonal exactly when Q spans eigenvectors. Every pair (i, j) is rotated
-    at once by the Jacobi angle theta_ij = atan(2 C_ij / (C_jj - C_ii)) / 2 (|theta| <= pi/4): Q' = qr(Q (I + K)),
-    K = (theta) skew-symmetric, the first-order eigenvector correction where the gaps are large, bounded where
-    they are not. Subspace iteration (A Q, then QR) moves direction i by the ratio of neighbouring eigenvalues,
+    at once by the Jacobi angle theta_ij = atan(2 C_ij / (C_jj - C_ii)) / 2 (|theta| <= pi/4): Q' = qr(Q (I + K))
+    with K_ij = theta_ij = -K_ji (i < j), the first-order eigenvector correction C_ij / (C_jj - C_ii) where the
+    gaps are large, bounded where they are not. Subspace iteration (A Q, then QR) moves direction i by the ratio of neighbouring eigenvalues,
     near 1 in the bulk of a gradient's spectrum, which is where the directions that carry an alpha > 1 update
     lie; a Jacobi step moves them by C_ij / gap. Measured on the recorded inputs of a real training run
     (``benchmarks/basis_accuracy.py --real``): one step after the power step cut the top-direction error of the
@@ -354,8 +354,8 @@ def eigenbasis_direction(
     (tall) or G^T (wide), so that X^T X is k x k. Without a basis (first call, another shape) Q is the top-r
     singular vectors of an SVD (counted in ``counter['refreshes']``); every ``refresh_every`` calls it is
     refined by one step of subspace iteration Q <- qr(A Q), A = X^T X (Householder QR, k x k), then by
-    ``jacobi_steps`` parallel Jacobi steps (:func:`jacobi_rotate`). Every call: B = X Q, d_i = ||B e_i|| (sigma_i, measured without squaring), D = B diag(f(d)) Q^T with
-    f(s) = 1 / (s^alpha + lambda), transposed back for a wide G; the part of X outside span(Q)
+    ``jacobi_steps`` parallel Jacobi steps (:func:`jacobi_rotate`). Every call: B = X Q, d_i = ||B e_i||
+    (sigma_i, measured without squaring), D = B diag(f(d)) Q^T with f(s) = 1 / (s^alpha + lambda), transposed back for a wide G; the part of X outside span(Q)
     (r < k) gets the factor of the weakest tracked direction, as ``tracked``'s ``"scaled"`` residual. Exact
     when Q is an eigenbasis; between refreshes the error grows with the drift of G's singular vectors
     (measured in benchmarks/RESULTS.md).
