@@ -306,3 +306,14 @@ def test_accelerate_and_recipe_configs_are_valid():
         cls = next(c for k, c in recipe_cls.items() if f.stem.startswith(k))
         cfg = parse_config(cls, ["--config", str(f)])
         assert cfg.max_steps >= 1
+
+
+def test_jacobi_steps_reach_the_recipes_optimizer():
+    """--jacobi_steps (and --basis) reach every SpectralNewton group the recipe builds; bad values are refused."""
+    argv = ["--optimizer", "spectral_newton", "--hidden", "16", "--layers", "1", "--heads", "2"]
+    cfg = parse_config(ViTRecipeConfig, argv + ["--basis", "auto", "--jacobi_steps", "2"])
+    opt = build_optimizer(cfg, build_model(cfg, 3))
+    assert {(g["jacobi_steps"], g["basis"]) for g in opt.param_groups} == {(2, "auto")}
+    bad = parse_config(ViTRecipeConfig, argv + ["--jacobi_steps", "-1"])
+    with pytest.raises(ValueError, match="jacobi_steps must be an integer >= 0"):
+        build_optimizer(bad, build_model(bad, 3))

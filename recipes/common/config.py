@@ -57,6 +57,11 @@ class TrainConfig:
         "How SpectralNewton decomposes each matrix (svd: exact, the recipes' reference; auto: the library's "
         "default, faster; see docs/benchmarks.md section 4).",
     )
+    jacobi_steps: int = opt(
+        0,
+        "SpectralNewton's Jacobi steps per eigenbasis refresh (with --basis auto or eigenbasis: more accurate "
+        "directions for alpha outside 0, 1, 2 at about one more power step each; docs/benchmarks.md).",
+    )
     warmup_steps: int = opt(20, "Steps of linear learning-rate warmup.")
     min_lr_ratio: float = opt(0.1, "Cosine decay ends at this fraction of the peak learning rate.")
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this value (0: no clipping).")

@@ -109,6 +109,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
             momentum=cfg.momentum,
             damping=cfg.damping,
             basis=cfg.basis,
+            jacobi_steps=cfg.jacobi_steps,
             weight_decay=cfg.weight_decay,
             adamw_betas=tuple(cfg.betas),
             adamw_weight_decay=0.0,
