@@ -158,11 +158,9 @@ class OwnerEngine:
 
     def plan_args(self, opt, slots) -> tuple:
         """(layouts, world size, costs) of the owner plan: each matrix weighted by its method's flops
-        (:func:`~spectral_dist.optim.matrix_step.method_cost`), the same on every rank."""
+        (:func:`~spectral_dist.optim.matrix_step.slot_cost`), the same on every rank."""
         mats = [s for s in slots if s.kind == "matrix"]
-        costs = {
-            s.key: ms.method_cost(s.mshape, ms.slot_method(opt, s), s.group["jacobi_steps"]) for s in mats
-        }
+        costs = {s.key: ms.slot_cost(opt, s) for s in mats}
         return [s.layout for s in mats], self.world_size, costs
 
     def build_slots(self, opt) -> list:

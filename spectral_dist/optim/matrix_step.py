@@ -45,6 +45,7 @@ __all__ = [
     "method_flops",
     "method_of",
     "owner_directions",
+    "slot_cost",
     "slot_method",
     "scale_directions",
     "tracked_rank",
@@ -106,13 +107,21 @@ def method_of(group: Mapping, alpha: float, device) -> str:
     return auto_method(float(alpha), float(group["damping"]), device) if b == "auto" else b
 
 
-def slot_method(opt, slot, stateless: bool = False) -> str:
+def slot_method(opt, slot, stateless: bool = False, meta: Mapping | None = None) -> str:
     """:func:`method_of` for an engine slot (alpha resolved from its state; the same on every rank).
     ``stateless=True``: where ``"auto"`` would pick a stateful basis, ``"gram"`` (for engines that keep no
-    per-matrix basis, such as the shard-local approximation)."""
+    per-matrix basis, such as the shard-local approximation). ``meta``: the slot's state when the caller has
+    read it without creating it (``slot.meta()`` creates it)."""
     g = slot.group
-    m = method_of(g, opt.resolve_alpha_meta(slot.meta(), g), slot.local().device)
+    meta = slot.meta() if meta is None else meta
+    m = method_of(g, opt.resolve_alpha_meta(meta, g), slot.local().device)
     return "gram" if stateless and m in STATEFUL and g["basis"] == "auto" else m
+
+
+def slot_cost(opt, slot, meta: Mapping | None = None) -> int:
+    """What an owner plan weighs a slot's matrix by: :func:`method_cost` of its method (:func:`slot_method`)
+    and its group's ``jacobi_steps``."""
+    return method_cost(slot.mshape, slot_method(opt, slot, meta=meta), slot.group["jacobi_steps"])
 
 
 def _matmul_dtype(group: Mapping, method: str, device):
