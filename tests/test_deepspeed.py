@@ -148,7 +148,15 @@ def _plan_hash_check(opt) -> dict:
     sd = opt.state_dict()
     # the legacy hash is the shape-weighted plan's; on this small model both plans may agree, so the
     # acceptance branch is checked with a stand-in value that no plan has
+    from spectral_dist.integrations.deepspeed import _zero_slot
+    from spectral_dist.optim.matrix_step import slot_cost
+
     out = {"legacy_is_shape_plan": eng.legacy_plan_hash == build_plan(list(eng.plan.layouts)).hash}
+    # the plan attach() built weighs every matrix by its method, as the other engines do (ZeRO-3 included,
+    # whose groups hold no params between steps: the slots come from the layout's entries)
+    z = opt._zero
+    mats = [_zero_slot(opt, e, e["gi"]) for e in z.entries if e["kind"] == "matrix"]
+    out["costs_by_method"] = bool(mats) and eng.plan.costs == {s.key: slot_cost(opt, s) for s in mats}
     eng.__dict__["legacy_plan_hash"] = "1" * 64  # functools.cached_property reads the instance dict
     for name, h in (
         ("current", eng.plan.hash),
@@ -355,6 +363,7 @@ def test_resume_is_exact(results, stage):
 def test_checkpoint_plan_hash_current_or_legacy(results, stage):
     got = results[f"plan_check{stage}"]
     assert got["legacy_is_shape_plan"] and got["current"] is None and got["legacy"] is None, got
+    assert got["costs_by_method"], got
     assert got["other"] is not None and "another ZeRO layout" in got["other"], got
 
 

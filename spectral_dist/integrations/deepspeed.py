@@ -322,13 +322,14 @@ class _ZeroEngine(OwnerEngine):
         costs = None
         if opt is not None:  # every matrix weighted by its method's flops, from the groups at attach time
             costs = {}
-            for s in self._build(opt):
-                if s.kind == "matrix":
-                    meta = opt.state.get(s.flat, {}).get("params", {}).get(s.key, {})  # read, never create
-                    alpha = opt.resolve_alpha_meta(meta, s.group)
-                    costs[s.key] = ms.method_cost(
-                        s.mshape, ms.method_of(s.group, alpha, s.flat.device), s.group["jacobi_steps"]
-                    )
+            # from the layout's entries, not the groups' params: under ZeRO-3 the groups hold no params
+            # between steps (DeepSpeed passes each sub-group at its step), which left that plan shape-weighted
+            for e in zl.entries:
+                if e["kind"] == "matrix":
+                    meta = (
+                        opt.state.get(e["flat"], {}).get("params", {}).get(e["key"], {})
+                    )  # read, never create
+                    costs[e["key"]] = ms.slot_cost(opt, _zero_slot(opt, e, e["gi"]), meta)
         self.plan = build_plan(layouts, self.world_size, costs)
 
     @functools.cached_property
@@ -354,22 +355,15 @@ class _ZeroEngine(OwnerEngine):
                         "ZeroSpectralNewton got a parameter that is not one of the ZeRO partitions it was "
                         "attached to; re-run attach() after rebuilding the ZeRO optimizer"
                     )
-                for e in ents:
-                    out.append(
-                        ZeroSlot(
-                            opt,
-                            e["key"],
-                            gi,
-                            t,
-                            e["fo"],
-                            e["n"],
-                            e["param"],
-                            e["kind"],
-                            e["mshape"],
-                            e["layout"],
-                        )
-                    )
+                out.extend(_zero_slot(opt, e, gi) for e in ents)
         return out
+
+
+def _zero_slot(opt, e: dict, gi: int) -> ZeroSlot:
+    """The slot of a ZeRO layout entry, in param group ``gi`` of the list the optimizer holds now."""
+    return ZeroSlot(
+        opt, e["key"], gi, e["flat"], e["fo"], e["n"], e["param"], e["kind"], e["mshape"], e["layout"]
+    )
 
 
 class ZeroSpectralNewton(SpectralNewton):
