@@ -219,10 +219,8 @@ def record_inputs(steps: int = 60, d: int = 256, layers: int = 2, seq: int = 128
             opt.step()
     finally:
         ms.owner_directions = real
-    out = {}
-    for key, (alpha, seq_m) in rec.items():
-        name = next((n for n in types if key.endswith(n) or n.endswith(key) or n == key), key)
-        out[name] = (types.get(name, "matrix"), float(alpha), seq_m)
+    # one process, so a job's key is its parameter's name
+    out = {key: (types[key], float(alpha), seq_m) for key, (alpha, seq_m) in rec.items()}
     return out, float(loss.detach())
 
 
@@ -299,41 +297,43 @@ def jacobi_cost(device: torch.device, shapes, batch: int = 4, seed: int = 0) -> 
     return rows
 
 
-def format_real_md(res: dict, device_name: str, cost_only: bool = False) -> str:
-    lines = (
-        []
-        if cost_only
-        else [
-            f"Bases on the recorded inputs of a real run (GPT-2-style, d={res['d']}, 2 layers, byte tokens of the "
-            f"standard library, SpectralNewton by layer, {res['steps']} steps, final loss {res['loss']:.2f}), "
-            f"computed on {device_name} in float32; top-direction error against the float64 SVD (median over the "
-            "layer type's matrices of each matrix's median over the steps; `late`: second half of the run; max: "
-            "worst step of any matrix):",
-            "",
-            "| layer type | alpha | method | matrices | top error median | late | max |",
-            "|---|---|---|---|---|---|---|",
-        ]
-    )
+def format_jacobi_cost_md(rows: list[dict], device_name: str) -> str:
+    """The :func:`jacobi_cost` table: ms per matrix for 0, 1, 2 Jacobi steps, per shape and QR."""
+    lines = [
+        f"Cost of the Jacobi steps on {device_name}: ms per matrix of one eigenbasis refresh step (batch of 4, "
+        "alpha 1.65):",
+        "",
+        "| shape | qr | jacobi_steps 0 | 1 | 2 |",
+        "|---|---|---|---|---|",
+    ]
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((r["shape"], r["qr"]), {})[r["jacobi_steps"]] = r["ms_per_matrix"]
+    for (shape, qr), v in cells.items():
+        lines.append(f"| {shape} | {qr} | " + " | ".join(f"{v[j]:.2f}" for j in sorted(v)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_real_md(res: dict, device_name: str) -> str:
+    lines = [
+        f"Bases on the recorded inputs of a real run (GPT-2-style, d={res['d']}, 2 layers, byte tokens of the "
+        f"standard library, SpectralNewton by layer, {res['steps']} steps, final loss {res['loss']:.2f}), "
+        f"computed on {device_name} in float32; top-direction error against the float64 SVD (median over the "
+        "layer type's matrices of each matrix's median over the steps; `late`: second half of the run; max: "
+        "worst step of any matrix):",
+        "",
+        "| layer type | alpha | method | matrices | top error median | late | max |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
         lines.append(
             f"| {r['layer_type']} | {r['alpha']:g} | {r['method']} | {r['matrices']} | {r['median']:.3f} | "
             f"{r['late']:.3f} | {r['max']:.3f} |"
         )
+    text = "\n".join(lines) + "\n"
     if res.get("jacobi_cost"):
-        lines += [
-            "",
-            f"Cost of the Jacobi steps on {device_name}: ms per matrix of one eigenbasis refresh step (batch of 4, "
-            "alpha 1.65):",
-            "",
-            "| shape | qr | jacobi_steps 0 | 1 | 2 |",
-            "|---|---|---|---|---|",
-        ]
-        cells: dict = {}
-        for r in res["jacobi_cost"]:
-            cells.setdefault((r["shape"], r["qr"]), {})[r["jacobi_steps"]] = r["ms_per_matrix"]
-        for (shape, qr), v in cells.items():
-            lines.append(f"| {shape} | {qr} | " + " | ".join(f"{v[j]:.2f}" for j in sorted(v)) + " |")
-    return "\n".join(lines) + "\n"
+        text += "\n" + format_jacobi_cost_md(res["jacobi_cost"], device_name)
+    return text
 
 
 def run(

@@ -180,9 +180,7 @@ def to_markdown(res: dict) -> str:
         lines.append(basis_accuracy.format_md(acc, res["device"]))
     jc = res.get("jacobi_cost")
     if jc:
-        lines.append(
-            basis_accuracy.format_real_md({"rows": [], "jacobi_cost": jc["rows"]}, res["device"], True)
-        )
+        lines.append(basis_accuracy.format_jacobi_cost_md(jc["rows"], res["device"]))
     real = res.get("real_accuracy")
     if real:
         lines.append(basis_accuracy.format_real_md(real, res["device"]))
