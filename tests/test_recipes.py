@@ -161,7 +161,8 @@ def runs(tmp_path_factory):
         ),
         "vit_fsdp2": (FSDP2, "vit_imagenet", ["--batch_size", "4", "--mixed_precision", "no"]),
         "resnet_fsdp2": (FSDP2, "resnet_cifar", ["--optimizer", "adamw"]),  # fsdp2.yaml wraps BasicBlock too
-        "vit_zero2": (ZERO2, "vit_imagenet", []),
+        # the library's default basis with Jacobi steps (attention's eigenbasis) through ZeRO-2
+        "vit_zero2": (ZERO2, "vit_imagenet", ["--basis", "auto", "--jacobi_steps", "1"]),
         "resnet_1": (ONE, "resnet_cifar", ["--grad_accum", "2", "--batch_size", "4"]),
         "resnet_ddp_cifar": (TWO, "resnet_cifar", ["--data_dir", str(cifar), "--optimizer", "adamw"]),
         "gpt_1": (ONE, "gpt_lm", ["--optimizer", "adamw", "--mixed_precision", "bf16"]),
@@ -267,6 +268,8 @@ def test_data_paths_and_optimizers_were_used(runs):
     gpt = _config(_ok(runs, "gpt_ddp_parquet"))
     assert gpt["optimizer"] == "muon" and gpt["data_path"].endswith(".parquet")
     assert _config(_ok(runs, "vit_1"))["optimizer"] == "spectral_newton"
+    z2 = _config(_ok(runs, "vit_zero2"))
+    assert z2["basis"] == "auto" and z2["jacobi_steps"] == 1
     assert _config(_ok(runs, "gpt_1"))["mixed_precision_effective"] == "bf16"
     assert _config(_ok(runs, "resnet_1"))["grad_accum"] == 2
 
