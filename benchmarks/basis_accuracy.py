@@ -161,8 +161,9 @@ def eigenbasis_qr(device, shapes, alpha=1.65, steps=12, angle=0.05, batch=2, see
 # (label, method, options) evaluated on the recorded inputs of each layer type's alpha
 REAL_CASES = {
     1.0: [
-        ("polar_express 5 (auto)", "polar_express", {}),
-        ("newton_schulz 5 (Muon)", "newton_schulz", {}),
+        ("polar_express 5, float32", "polar_express", {}),
+        ("polar_express 5, bf16 matmuls", "polar_express", {"matmul_dtype": torch.bfloat16}),
+        ("newton_schulz 5 (Muon), float32", "newton_schulz", {}),
         ("eigenbasis", "eigenbasis", {}),
         ("eigenbasis, jacobi_steps=1", "eigenbasis", {"jacobi_steps": 1}),
     ],

@@ -347,3 +347,64 @@ def test_jacobi_steps_reach_the_batched_eigenbasis(monkeypatch):
         assert sorted(seen) == sorted([jac, 0] * 4), seen
         finals[jac] = [p.detach().clone() for p in model.parameters()]
     assert not torch.equal(finals[0][0], finals[1][0])  # the first layer's steps differ
+
+
+@pytest.mark.parametrize("flag", ["0", "1"])
+def test_auto_polar_express_runs_in_the_device_matmul_dtype(monkeypatch, flag):
+    """The optimizer's alpha = 1 step under basis="auto" is Polar Express in the matmul dtype the device gets
+    (here forced through SPECTRAL_DIST_CPU_BF16); a named basis and float64 parameters keep their own dtype."""
+    from spectral_dist.spectral import polar_express
+
+    monkeypatch.setenv("SPECTRAL_DIST_CPU_BF16", flag)
+    torch.manual_seed(0)
+    g = torch.randn(16, 48)
+    bf16, fp32 = (polar_express(g.unsqueeze(0), matmul_dtype=dt)[0] for dt in (torch.bfloat16, None))
+    assert not torch.allclose(bf16, fp32, atol=1e-3)  # the two dtypes are told apart
+
+    def update(basis, dtype=torch.float32):
+        W = nn.Parameter(torch.zeros(16, 48, dtype=dtype))
+        opt = SpectralNewton([W], lr=1.0, alpha=1.0, momentum=0.0, nesterov=False, scale="none", basis=basis)
+        W.grad = g.to(dtype)
+        opt.step()
+        return -W.detach().float()
+
+    assert torch.allclose(update("auto"), bf16 if flag == "1" else fp32, atol=1e-6)
+    assert torch.allclose(update("polar_express"), fp32, atol=1e-6)
+    want64 = polar_express(g.double().unsqueeze(0))[0].float()
+    assert torch.allclose(update("auto", torch.float64), want64, atol=1e-6)
+
+
+@pytest.mark.parametrize("flag", ["0", "1"])
+def test_auto_eigenbasis_applies_its_last_product_in_the_device_dtype(monkeypatch, flag):
+    """alpha 1.5 under basis="auto" is the eigenbasis with its last product D = (B w) Q^T in the device's bf16
+    (forced here through SPECTRAL_DIST_CPU_BF16); a group that names basis="eigenbasis" stays in float32, and
+    the two are not batched together."""
+    from spectral_dist.spectral import eigenbasis_batched
+
+    monkeypatch.setenv("SPECTRAL_DIST_CPU_BF16", flag)
+    torch.manual_seed(0)
+    gs = [torch.randn(24, 40) for _ in range(2)]
+    Ws = [nn.Parameter(torch.zeros(24, 40)) for _ in range(2)]
+    opt = SpectralNewton(
+        [dict(params=[Ws[0]], basis="auto"), dict(params=[Ws[1]], basis="eigenbasis")],
+        lr=1.0,
+        alpha=1.5,
+        momentum=0.0,
+        nesterov=False,
+        scale="none",
+    )
+    for _ in range(2):  # step 0 starts the basis with an SVD; step 1 is a tracked step
+        for W, gr in zip(Ws, gs):
+            W.grad = gr.clone()
+        before = [W.detach().clone() for W in Ws]
+        opt.step()
+    upd = [(b - W.detach()) for b, W in zip(before, Ws)]
+    for i, (gr, apply) in enumerate(zip(gs, (torch.bfloat16 if flag == "1" else None, None))):
+        X = gr.unsqueeze(0)
+        _, Q, _ = eigenbasis_batched(X, 1.5, opt.defaults["damping"], None, 0)
+        want, _, _ = eigenbasis_batched(X, 1.5, opt.defaults["damping"], Q, 1, apply_dtype=apply)
+        other, _, _ = eigenbasis_batched(
+            X, 1.5, opt.defaults["damping"], Q, 1, apply_dtype=None if apply else torch.bfloat16
+        )
+        assert torch.allclose(upd[i], want[0], rtol=0, atol=1e-6), (i, flag)
+        assert not torch.allclose(upd[i], other[0], rtol=0, atol=1e-5), (i, flag)

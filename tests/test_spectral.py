@@ -551,3 +551,63 @@ def test_jacobi_rotate_fixes_an_eigenbasis_and_rotates_towards_one():
     assert off(Q1) < 0.1 * off(Q), (off(Q), off(Q1))
     Q1c, _, okc = jacobi_rotate(X[None], Q[None], (X @ Q)[None], qr="cholesky")
     assert okc.tolist() == [True] and torch.allclose((Q1c[0] @ Q1c[0].mT), Q1 @ Q1.mT, atol=1e-10)
+
+
+def test_auto_matmul_dtype_per_device_dtype_and_override(monkeypatch):
+    """basis="auto" runs Polar Express (and the eigenbasis's last product) in bf16 on CUDA and on CPUs with
+    native bf16 (or as the environment says), never for float64 inputs or other methods; a bad override names
+    the variable and its values."""
+    from spectral_dist.spectral import direction as dm
+
+    monkeypatch.delenv(dm.CPU_BF16_ENV, raising=False)
+    assert isinstance(dm.cpu_has_native_bf16(), bool)
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(dm, "cpu_has_native_bf16", lambda native=native: native)
+        assert dm.auto_matmul_dtype("polar_express", cpu) == (torch.bfloat16 if native else None)
+        assert dm.auto_matmul_dtype("polar_express", "cpu", torch.bfloat16) == (
+            torch.bfloat16 if native else None
+        )
+        assert dm.auto_matmul_dtype("polar_express", cpu, torch.float64) is None
+        for flag, want in (("1", torch.bfloat16), ("0", None)):
+            monkeypatch.setenv(dm.CPU_BF16_ENV, flag)
+            assert dm.auto_matmul_dtype("polar_express", cpu) == want, (native, flag)
+        monkeypatch.delenv(dm.CPU_BF16_ENV)
+    assert dm.auto_matmul_dtype("polar_express", "cuda:1") == torch.bfloat16
+    assert dm.auto_matmul_dtype("polar_express", torch.device("cuda", 0), torch.float64) is None
+    monkeypatch.setenv(dm.CPU_BF16_ENV, "1")
+    for method in dm.METHODS:
+        want = torch.bfloat16 if method in ("polar_express", "eigenbasis") else None
+        assert dm.auto_matmul_dtype(method, "cuda") == want and dm.auto_matmul_dtype(method, cpu) == want, (
+            method
+        )
+    monkeypatch.setenv(dm.CPU_BF16_ENV, "yes")
+    with pytest.raises(ValueError, match="SPECTRAL_DIST_CPU_BF16 must be 0 .*, 1 .* or unset"):
+        dm.auto_matmul_dtype("polar_express", cpu)
+
+
+def test_householder_q_is_torch_qr_without_r():
+    from spectral_dist.spectral.direction import householder_q
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((3, 40, 40), (2, 50, 20), (30, 7)):
+        Y = torch.randn(*shape, generator=g)
+        assert torch.equal(householder_q(Y), torch.linalg.qr(Y)[0]), shape
+
+
+def test_eigenbasis_apply_dtype_rounds_only_the_last_product():
+    """apply_dtype=bf16 changes D by bf16's rounding of (B w) and Q (~2^-8 of D), not the basis; and it is
+    really applied (D differs from float32's)."""
+    from spectral_dist.spectral import eigenbasis_batched
+
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(2, 96, 48, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(2, 48, 48, generator=g))
+    X = (U * torch.logspace(0, -3, 48)) @ V.mT  # a 1/k-like spectrum over three decades
+    D0, Q0, _ = eigenbasis_batched(X, 1.65, 1e-4, None, 0)
+    Xn = X + 1e-3 * torch.randn(X.shape, generator=g)
+    D32, Q32, ok32 = eigenbasis_batched(Xn, 1.65, 1e-4, Q0, 1)
+    D16, Q16, ok16 = eigenbasis_batched(Xn, 1.65, 1e-4, Q0, 1, apply_dtype=torch.bfloat16)
+    assert torch.equal(Q16, Q32) and bool(ok16.all()) and D16.dtype == torch.float32
+    rel = ((D16 - D32).norm(dim=(-2, -1)) / D32.norm(dim=(-2, -1))).max().item()
+    assert 1e-5 < rel < 1e-2, rel

@@ -29,6 +29,7 @@ from ..spectral import (
     eigenbasis_batched,
     spectral_direction,
 )
+from ..spectral.direction import auto_matmul_dtype
 from ..spectral.transform import inverse_transform, rank_floor
 
 __all__ = [
@@ -124,13 +125,11 @@ def slot_cost(opt, slot, meta: Mapping | None = None) -> int:
     return method_cost(slot.mshape, slot_method(opt, slot, meta=meta), slot.group["jacobi_steps"])
 
 
-def _matmul_dtype(group: Mapping, method: str, device):
-    """``basis="auto"`` runs Polar Express in bf16 on CUDA (tensor cores; measured on CPU: 5 steps in bf16 are
-    within 0.5 points of float32's error, both ~8%, dominated by the 5-step polynomial), float32 elsewhere."""
-    kind = device.type if isinstance(device, torch.device) else str(device)
-    if group["basis"] == "auto" and method == "polar_express" and kind == "cuda":
-        return torch.bfloat16
-    return None
+def _matmul_dtype(group: Mapping, method: str, X: torch.Tensor):
+    """The bf16 matmuls of a batch X: :func:`~spectral_dist.spectral.direction.auto_matmul_dtype` under
+    ``basis="auto"`` (Polar Express, and the eigenbasis's last product, in bf16 on CUDA and on CPUs with
+    native bf16, unless X is float64), None (the working dtype) when the group names its basis."""
+    return auto_matmul_dtype(method, X.device, X.dtype) if group["basis"] == "auto" else None
 
 
 @dataclass
@@ -179,6 +178,7 @@ def _batch_key(job: DirectionJob, method: str):
         float(job.alpha),
         float(g["damping"]),
         method,
+        g["basis"] == "auto",  # decides the matmul dtype (_matmul_dtype)
         int(g["ns_steps"]),
         g["scale"],
         float(g["rms_target"]),
@@ -272,7 +272,7 @@ def owner_directions(jobs: list[DirectionJob]) -> dict[str, DirectionResult]:
                     g["damping"],
                     method,
                     ns_steps=g["ns_steps"],
-                    matmul_dtype=_matmul_dtype(g, method, X.device),
+                    matmul_dtype=_matmul_dtype(g, method, X),
                 )
             except (torch.linalg.LinAlgError, RuntimeError):  # find the failing matrix: one by one
                 for job in bjobs:
@@ -334,5 +334,6 @@ def _eigenbasis_batch(bjobs: list[DirectionJob], bkey: tuple):
         g["refresh_every"],
         qr=qr,
         jacobi_steps=g["jacobi_steps"],
+        apply_dtype=_matmul_dtype(g, "eigenbasis", X),
     )
     return bjobs, scale_directions(D, g), ok, Qn.unbind(0), int(init)
