@@ -173,7 +173,8 @@ REAL_CASES = {
         ("eigenbasis, jacobi_steps=1", "eigenbasis", {"jacobi_steps": 1}),
     ],
     "other": [
-        ("eigenbasis (auto)", "eigenbasis", {}),
+        ("eigenbasis, float32", "eigenbasis", {}),
+        ("eigenbasis, last product in bf16 (auto where bf16 is native)", "eigenbasis", {"apply_dtype": torch.bfloat16}),
         ("eigenbasis, jacobi_steps=1", "eigenbasis", {"jacobi_steps": 1}),
         ("eigenbasis, jacobi_steps=2", "eigenbasis", {"jacobi_steps": 2}),
         ("eigenbasis, refresh_every=2", "eigenbasis", {"refresh_every": 2}),

@@ -11,7 +11,9 @@ Two measurements:
    the number of layers, so the ratio is the 12-layer ratio up to the embeddings and head.
 
 Optimizers: ``adamw`` (torch.optim.AdamW, foreach), ``muon`` (:class:`BatchedMuon`: momentum + 5 quintic
-Newton-Schulz steps in fp32, batched by shape; AdamW on the rest), and SpectralNewton (``from_model``: hidden
+Newton-Schulz steps in fp32, batched by shape; AdamW on the rest; the issue's reference and the ``/ muon``
+column), ``muon_bf16`` (the same in bf16, as Muon runs on GPUs: SpectralNewton's ``basis="auto"`` uses bf16
+matmuls where they are native, see docs/benchmarks.md), and SpectralNewton (``from_model``: hidden
 matrices spectral, embeddings/head/norms/biases AdamW) at ``alpha`` 1 (the optimizer's default alpha), by layer
 (``DEFAULT_ALPHA``: attention 1.65, MLP up 2, MLP down 1), 0.5, 1.5 and 2, every one with the default ``basis="auto"``;
 ``--only sn_alpha0.5@eigenbasis`` adds a variant with another basis.
@@ -43,16 +45,19 @@ from spectral_dist import models  # noqa: E402
 from spectral_dist.optim import SpectralNewton  # noqa: E402
 from spectral_dist.optim.classify import classify_parameters  # noqa: E402
 
-OPTIMIZERS = ("adamw", "muon", "sn_alpha1", "sn_by_layer", "sn_alpha0.5", "sn_alpha1.5", "sn_alpha2")
+OPTIMIZERS = ("adamw", "muon", "muon_bf16", "sn_alpha1", "sn_by_layer", "sn_alpha0.5", "sn_alpha1.5", "sn_alpha2")
 NS_QUINTIC = (3.4445, -4.7750, 2.0315)
 
 
 class BatchedMuon(torch.optim.Optimizer):
     """The Muon reference of issue 16: Nesterov momentum + 5 quintic Newton-Schulz steps in fp32 on the smaller
-    side, same-shape matrices stacked into one batch, update scaled by sqrt(max(1, m/n)) (Keller Jordan's)."""
+    side, same-shape matrices stacked into one batch, update scaled by sqrt(max(1, m/n)) (Keller Jordan's).
+    ``matmul_dtype=torch.bfloat16``: the iteration in bf16, as Muon runs on GPUs (``muon_bf16``: the fair
+    reference wherever SpectralNewton's ``basis="auto"`` uses bf16 itself)."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, steps=5):
+    def __init__(self, params, lr=0.02, momentum=0.95, steps=5, matmul_dtype=torch.float32):
         super().__init__(params, dict(lr=lr, momentum=momentum, steps=steps))
+        self.matmul_dtype = matmul_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -71,7 +76,7 @@ class BatchedMuon(torch.optim.Optimizer):
             for p, M in zip(ps, Ms):
                 by_shape.setdefault(tuple(M.reshape(M.shape[0], -1).shape), []).append((p, M))
             for (m, n), items in by_shape.items():
-                X = torch.stack([M.reshape(m, n) for _, M in items])
+                X = torch.stack([M.reshape(m, n) for _, M in items]).to(self.matmul_dtype)
                 if m > n:
                     X = X.mT
                 X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
@@ -82,6 +87,7 @@ class BatchedMuon(torch.optim.Optimizer):
                     X = a * X + B @ X
                 if m > n:
                     X = X.mT
+                X = X.float()
                 scale = -g["lr"] * max(1.0, m / n) ** 0.5
                 torch._foreach_add_(
                     [p for p, _ in items], [x.view_as(p) for (p, _), x in zip(items, X)], alpha=scale
@@ -123,12 +129,13 @@ def make_batch(name: str, tokens: int, quick: bool, device):
 def build_optimizer(name: str, model: nn.Module, lr: float = 1e-3):
     if name == "adamw":
         return [torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)]
-    if name == "muon":
+    if name in ("muon", "muon_bf16"):
         infos = classify_parameters(model)
         hidden = [i.param for i in infos if i.spectral]
         ids = {id(p) for p in hidden}
         rest = [p for p in model.parameters() if id(p) not in ids]
-        return [BatchedMuon(hidden, lr=lr), torch.optim.AdamW(rest, lr=lr, foreach=True)]
+        dt = torch.bfloat16 if name == "muon_bf16" else torch.float32
+        return [BatchedMuon(hidden, lr=lr, matmul_dtype=dt), torch.optim.AdamW(rest, lr=lr, foreach=True)]
     if name.startswith("sn_"):  # sn_<alpha>[@<basis>]: e.g. sn_alpha1, sn_by_layer, sn_alpha0.5@eigenbasis
         a, _, basis = name[3:].partition("@")
         alpha = "by_layer" if a == "by_layer" else float(a.removeprefix("alpha"))
@@ -204,7 +211,7 @@ def machine(device) -> str:
     )
 
 
-def table(title: str, med: dict, refs=("adamw", "muon")) -> str:
+def table(title: str, med: dict, refs=("adamw", "muon", "muon_bf16")) -> str:
     refs = [r for r in refs if r in med]
     lines = [
         title,

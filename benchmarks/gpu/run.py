@@ -56,6 +56,7 @@ def stage_step_cost(device, quick: bool) -> dict:
             ]
             argv += [
                 "--only",
+                "muon_bf16",
                 "sn_alpha1",
                 "sn_by_layer",
                 "sn_alpha0.5",
