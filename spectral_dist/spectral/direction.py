@@ -108,7 +108,8 @@ def auto_method(alpha: float, damping: float, device) -> str:
     * alpha = 2 without damping: ``"gram"`` (the exact pseudo-inverse with its rank floor).
 
     ``device`` is accepted so that per-device choices stay in one place; today the method does not depend on
-    it, only the matmul dtype of Polar Express and the eigenbasis QR do (see :mod:`spectral_dist.optim.matrix_step`).
+    it, only the matmul dtype (:func:`auto_matmul_dtype`) and the eigenbasis QR
+    (:mod:`spectral_dist.optim.matrix_step`) do.
     """
     del device
     if alpha == 0.0 or (alpha == 2.0 and damping > 0):
@@ -161,7 +162,7 @@ def auto_matmul_dtype(method: str, device, dtype: torch.dtype = torch.float32) -
     resolution."""
     if method not in BF16_METHODS or dtype == torch.float64:
         return None
-    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    kind = torch.device(device).type
     if kind == "cuda":
         return torch.bfloat16
     if kind == "cpu":
