@@ -174,7 +174,11 @@ REAL_CASES = {
     ],
     "other": [
         ("eigenbasis, float32", "eigenbasis", {}),
-        ("eigenbasis, last product in bf16 (auto where bf16 is native)", "eigenbasis", {"apply_dtype": torch.bfloat16}),
+        (
+            "eigenbasis, last product in bf16 (auto where bf16 is native)",
+            "eigenbasis",
+            {"apply_dtype": torch.bfloat16},
+        ),
         ("eigenbasis, jacobi_steps=1", "eigenbasis", {"jacobi_steps": 1}),
         ("eigenbasis, jacobi_steps=2", "eigenbasis", {"jacobi_steps": 2}),
         ("eigenbasis, refresh_every=2", "eigenbasis", {"refresh_every": 2}),

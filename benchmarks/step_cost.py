@@ -45,7 +45,16 @@ from spectral_dist import models  # noqa: E402
 from spectral_dist.optim import SpectralNewton  # noqa: E402
 from spectral_dist.optim.classify import classify_parameters  # noqa: E402
 
-OPTIMIZERS = ("adamw", "muon", "muon_bf16", "sn_alpha1", "sn_by_layer", "sn_alpha0.5", "sn_alpha1.5", "sn_alpha2")
+OPTIMIZERS = (
+    "adamw",
+    "muon",
+    "muon_bf16",
+    "sn_alpha1",
+    "sn_by_layer",
+    "sn_alpha0.5",
+    "sn_alpha1.5",
+    "sn_alpha2",
+)
 NS_QUINTIC = (3.4445, -4.7750, 2.0315)
 
 

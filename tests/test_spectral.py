@@ -554,9 +554,9 @@ def test_jacobi_rotate_fixes_an_eigenbasis_and_rotates_towards_one():
 
 
 def test_auto_matmul_dtype_per_device_dtype_and_override(monkeypatch):
-    """basis="auto" runs Polar Express (and the eigenbasis's last product) in bf16 on CUDA and on CPUs with
-    native bf16 (or as the environment says), never for float64 inputs or other methods; a bad override names
-    the variable and its values."""
+    """basis="auto" runs Polar Express (and the eigenbasis's last product) in bf16 on CUDA; on CPUs in float32
+    unless the environment asks (1: bf16; auto: where the CPU has native bf16); never for float64 inputs or
+    other methods; a bad override names the variable and its values."""
     from spectral_dist.spectral import direction as dm
 
     monkeypatch.delenv(dm.CPU_BF16_ENV, raising=False)
@@ -564,6 +564,8 @@ def test_auto_matmul_dtype_per_device_dtype_and_override(monkeypatch):
     cpu = torch.device("cpu")
     for native in (True, False):
         monkeypatch.setattr(dm, "cpu_has_native_bf16", lambda native=native: native)
+        assert dm.auto_matmul_dtype("polar_express", cpu) is None  # the CPU default: float32
+        monkeypatch.setenv(dm.CPU_BF16_ENV, "auto")
         assert dm.auto_matmul_dtype("polar_express", cpu) == (torch.bfloat16 if native else None)
         assert dm.auto_matmul_dtype("polar_express", "cpu", torch.bfloat16) == (
             torch.bfloat16 if native else None
@@ -582,7 +584,7 @@ def test_auto_matmul_dtype_per_device_dtype_and_override(monkeypatch):
             method
         )
     monkeypatch.setenv(dm.CPU_BF16_ENV, "yes")
-    with pytest.raises(ValueError, match="SPECTRAL_DIST_CPU_BF16 must be 0 .*, 1 .* or unset"):
+    with pytest.raises(ValueError, match="SPECTRAL_DIST_CPU_BF16 must be 0 or unset .*, 1 .* or auto"):
         dm.auto_matmul_dtype("polar_express", cpu)
 
 

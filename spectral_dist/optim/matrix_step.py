@@ -127,8 +127,8 @@ def slot_cost(opt, slot, meta: Mapping | None = None) -> int:
 
 def _matmul_dtype(group: Mapping, method: str, X: torch.Tensor):
     """The bf16 matmuls of a batch X: :func:`~spectral_dist.spectral.direction.auto_matmul_dtype` under
-    ``basis="auto"`` (Polar Express, and the eigenbasis's last product, in bf16 on CUDA and on CPUs with
-    native bf16, unless X is float64), None (the working dtype) when the group names its basis."""
+    ``basis="auto"`` (Polar Express, and the eigenbasis's last product, in bf16 on CUDA and, when
+    SPECTRAL_DIST_CPU_BF16 asks, on CPUs; never for float64 X), None (the working dtype) when the group names its basis."""
     return auto_matmul_dtype(method, X.device, X.dtype) if group["basis"] == "auto" else None
 
 

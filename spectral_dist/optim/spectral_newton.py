@@ -147,8 +147,8 @@ class SpectralNewton(torch.optim.Optimizer):
             with momentum 0 is a damped Newton step when h_k = sigma_k^alpha.
         basis: ``"auto"`` (default) picks per device and alpha (:func:`~spectral_dist.spectral.auto_method`):
             alpha = 0 or 2 (damping > 0): ``"cholesky"``, exact closed forms, a Cholesky solve; alpha = 1:
-            ``"polar_express"``, matmuls only (bf16 on CUDA and on CPUs with native bf16
-            matmuls; float64 parameters keep float64), singular values of the direction within
+            ``"polar_express"``, matmuls only (bf16 on CUDA, on CPUs with
+            ``SPECTRAL_DIST_CPU_BF16=auto`` or ``1``; float64 parameters keep float64), singular values of the direction within
             [0.89, 1.11] of the polar factor's at 5 steps; other alpha: ``"eigenbasis"`` (a basis tracked
             across steps by one power step and a QR each step; see ``jacobi_steps`` for its error).
             Measured reasons in docs/benchmarks.md. Explicit choices: ``"svd"`` (the reference),
