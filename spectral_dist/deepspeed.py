@@ -1,37 +1,10 @@
 """``spectral_dist.deepspeed.initialize``: ``deepspeed.initialize`` with ``optimizer.type = spectral_newton``.
 
 ``register()`` makes DeepSpeed's own ``deepspeed.initialize`` accept that type too (an explicit opt-in). See
-:mod:`spectral_dist.integrations.deepspeed`.
+:mod:`spectral_dist.integrations.deepspeed`, whose public names this module re-exports.
 """
 
-from .integrations.deepspeed import (
-    SPECTRAL_TYPE,
-    SpectralConfigError,
-    ZeroSpectralNewton,
-    attach,
-    build_optimizer,
-    check_config,
-    initialize,
-    is_spectral_config,
-    load_config,
-    register,
-    resolve_auto,
-    strip_optimizer,
-    unregister,
-)
+from .integrations import deepspeed as _impl
+from .integrations.deepspeed import *  # noqa: F403
 
-__all__ = [
-    "SPECTRAL_TYPE",
-    "SpectralConfigError",
-    "ZeroSpectralNewton",
-    "attach",
-    "build_optimizer",
-    "check_config",
-    "initialize",
-    "is_spectral_config",
-    "load_config",
-    "register",
-    "resolve_auto",
-    "strip_optimizer",
-    "unregister",
-]
+__all__ = list(_impl.__all__)

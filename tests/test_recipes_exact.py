@@ -145,7 +145,10 @@ LAUNCH = {
 }
 KEYS = ("train/loss", "train/lr", "train/grad_norm", "val/loss")
 MAX_PARALLEL = 3
-TIMEOUT = 900
+# 36 launches of 40-55 s each, 3 at a time on 2 cores: 9-11 minutes measured, above pytest-timeout's default
+# 600 s (which would fail the fixture before its own limit could name the stuck runs)
+TIMEOUT = 1200
+pytestmark = pytest.mark.timeout(TIMEOUT + 120)
 
 
 def _cmd(recipe, mode, out: Path, extra=()):

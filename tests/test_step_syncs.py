@@ -60,12 +60,12 @@ def _syncs(model, **opts) -> tuple[int, int]:
 @pytest.mark.parametrize(
     "opts, max_events, max_reads",
     [
-        (dict(alpha=1.0), 0, 2),  # auto: polar_express, matmuls only
-        (dict(alpha=2.0), 0, 2),  # auto: cholesky_ex + triangular solves, no info check
-        (dict(alpha=0.0), 0, 2),  # auto: closed form
-        (dict(alpha=0.5), 0, 2),  # auto: eigenbasis, batched: matmuls and QR (its SVD only at step 0)
-        (dict(alpha=0.5, basis="gram"), 6, 2),  # one LAPACK info check (item + _local_scalar_dense) per
-        (dict(alpha=1.0, basis="svd"), 6, 2),  # shape group (3 groups)
+        (dict(alpha=1.0), 0, 1),  # auto: polar_express, matmuls only
+        (dict(alpha=2.0), 0, 1),  # auto: cholesky_ex + triangular solves, no info check
+        (dict(alpha=0.0), 0, 1),  # auto: closed form
+        (dict(alpha=0.5), 0, 1),  # auto: eigenbasis, batched: matmuls and QR (its SVD only at step 0)
+        (dict(alpha=0.5, basis="gram"), 6, 1),  # one LAPACK info check (item + _local_scalar_dense) per
+        (dict(alpha=1.0, basis="svd"), 6, 1),  # shape group (3 groups)
     ],
 )
 def test_host_syncs_per_step_do_not_grow_with_the_number_of_matrices(opts, max_events, max_reads):
@@ -238,3 +238,70 @@ def test_foreach_adamw_keeps_each_vectors_own_step_count():
             refs[1].step()
     assert opt.stats()["group0.param1"]["skipped"] == 1
     assert torch.allclose(a, ra, rtol=1e-6, atol=1e-7) and torch.allclose(b, rb, rtol=1e-6, atol=1e-7)
+
+
+def _deferred_vs_read_first(rank, world):
+    """One process: the LocalEngine (non-finite flags read after the directions, one host sync) against the
+    OwnerEngine over a 1-rank process group (flags read first), on steps with NaN/Inf gradients in batched
+    matrices of every auto method and in vectors. Returns what differs (empty: the same)."""
+    from spectral_dist.distributed import LocalEngine, OwnerEngine
+
+    def model():
+        torch.manual_seed(0)
+        return nn.ModuleDict(
+            {
+                "att": nn.ModuleList([nn.Linear(12, 12) for _ in range(3)]),  # eigenbasis, batched
+                "up": nn.ModuleList([nn.Linear(12, 24) for _ in range(2)]),  # cholesky
+                "down": nn.ModuleList([nn.Linear(24, 12) for _ in range(2)]),  # polar express
+            }
+        )
+
+    def opt(m, engine):
+        groups = [
+            dict(params=list(m["att"].parameters()), alpha=1.65),
+            dict(params=list(m["up"].parameters()), alpha=2.0),
+            dict(params=list(m["down"].parameters()), alpha=1.0),
+        ]
+        return SpectralNewton(groups, lr=0.05, weight_decay=0.01, max_consecutive_skips=5, engine=engine)
+
+    ma, mb = model(), model()
+    oa, ob = opt(ma, LocalEngine()), opt(mb, OwnerEngine(None))
+    poison = {1: ["att.1.weight"], 2: ["down.0.weight", "up.1.bias"], 4: ["att.0.weight", "att.2.bias"]}
+    diffs = []
+    for step in range(6):
+        g = torch.Generator().manual_seed(100 + step)
+        for (name, pa), pb in zip(ma.named_parameters(), mb.parameters()):
+            grad = torch.randn(pa.shape, generator=g)
+            if name in poison.get(step, ()):
+                grad.view(-1)[3] = float("nan") if "weight" in name else float("inf")
+            pa.grad, pb.grad = grad.clone(), grad.clone()
+        oa.step()
+        ob.step()
+        for (name, pa), pb in zip(ma.named_parameters(), mb.parameters()):
+            # a skipped parameter is untouched, bit for bit; its batch-mates may differ in the last bit only
+            # (the batched matmuls round differently with one more matrix in the stack: measured 1.5e-8)
+            skipped = name in poison.get(step, ())
+            same = torch.equal(pa, pb) if skipped else torch.allclose(pa, pb, rtol=1e-6, atol=1e-7)
+            if not same or not torch.isfinite(pa).all():
+                diffs.append(f"step {step}: parameter {name} {(pa - pb).abs().max().item():.3e}")
+        sa, sb = oa.state_dict(), ob.state_dict()
+        for k, va in sa["state"].items():
+            for key, x in va.items():
+                y = sb["state"][k][key]
+                same = torch.equal(x, y) if isinstance(x, torch.Tensor) else repr(x) == repr(y)
+                if not same:
+                    diffs.append(f"step {step}: state {k}.{key}")
+    stats = oa.stats()
+    return diffs, stats["group0.param2"]["skipped"], stats["group2.param0"]["skipped"]
+
+
+def test_one_process_engine_defers_the_non_finite_read_without_changing_the_step():
+    """Issue 16: one host sync per step in one process (the gradients' non-finite flags ride with the owner's
+    finite flags). A skipped matrix sits in a batch with finite ones (eigenbasis, Polar Express, Cholesky):
+    skipped parameters, momentum, tracked bases, AdamW moments and counters equal, bit for bit, those of the
+    engine that reads the flags first, at every step; the skipped matrix's batch-mates agree to the last bit."""
+    from dist_helpers import run_workers
+
+    ((diffs, skipped_att, skipped_down),) = run_workers(_deferred_vs_read_first, 1)
+    assert diffs == [], diffs
+    assert skipped_att == 1 and skipped_down == 1  # the NaN steps were skipped, not stepped with zeros

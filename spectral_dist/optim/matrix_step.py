@@ -46,6 +46,7 @@ __all__ = [
     "method_flops",
     "method_of",
     "owner_directions",
+    "owner_directions_and_read",
     "slot_cost",
     "slot_method",
     "scale_directions",
@@ -235,6 +236,14 @@ def owner_directions(jobs: list[DirectionJob]) -> dict[str, DirectionResult]:
     batches' finite flags are read together, with one host sync for all of them; a failed matrix is redone
     alone (float64 retry). Never raises for a single matrix's failure: the status says what happened, and the
     caller raises on every rank together."""
+    return owner_directions_and_read(jobs)[0]
+
+
+def owner_directions_and_read(
+    jobs: list[DirectionJob], extra: torch.Tensor | None = None
+) -> tuple[dict[str, DirectionResult], list]:
+    """:func:`owner_directions`, and the values of ``extra`` (a 1-D tensor, e.g. the gradients' non-finite
+    flags) read in the same host sync as the finite flags: one sync for both (one process: the whole step's)."""
     out: dict[str, DirectionResult] = {}
     batches: dict[tuple, list[DirectionJob]] = {}
     methods: dict[tuple, str] = {}
@@ -283,28 +292,34 @@ def owner_directions(jobs: list[DirectionJob]) -> dict[str, DirectionResult]:
             for job in bjobs:
                 if job.key not in out:
                     out[job.key] = DirectionResult(ERROR, error=f"{type(e).__name__}: {e}", exc=e)
-    if pending:
-        try:
-            dev = pending[0][2].device
-            flags = torch.cat([p[2].to(dev) for p in pending]).tolist()  # the owner's one host sync
-        except Exception as e:  # noqa: BLE001
-            for p in pending:
-                for job in p[0]:
-                    out[job.key] = DirectionResult(ERROR, error=f"{type(e).__name__}: {e}", exc=e)
-            return out
-        i = 0
-        for bjobs, Ds, _, bases, refreshes in pending:
-            for j, (job, D) in enumerate(zip(bjobs, Ds.unbind(0))):
-                try:
-                    if flags[i]:
-                        basis = None if bases is None else bases[j]
-                        out[job.key] = DirectionResult(OK, D, refreshes=refreshes, basis=basis)
-                    else:
-                        out[job.key] = _one(job)
-                except Exception as e:  # noqa: BLE001
-                    out[job.key] = DirectionResult(ERROR, error=f"{type(e).__name__}: {e}", exc=e)
-                i += 1
-    return out
+    n_extra = 0 if extra is None else extra.numel()
+    if not pending:
+        return out, ([] if extra is None else extra.reshape(-1).tolist())
+    try:
+        dev = pending[0][2].device
+        parts = [p[2].to(dev, torch.float32) for p in pending]
+        if extra is not None:
+            parts.append(extra.reshape(-1).to(dev, torch.float32))
+        read = torch.cat(parts).tolist()  # the owner's one host sync
+        flags, extra_values = read[: len(read) - n_extra], read[len(read) - n_extra :]
+    except Exception as e:  # noqa: BLE001
+        for p in pending:
+            for job in p[0]:
+                out[job.key] = DirectionResult(ERROR, error=f"{type(e).__name__}: {e}", exc=e)
+        return out, ([] if extra is None else extra.reshape(-1).tolist())
+    i = 0
+    for bjobs, Ds, _, bases, refreshes in pending:
+        for j, (job, D) in enumerate(zip(bjobs, Ds.unbind(0))):
+            try:
+                if flags[i]:
+                    basis = None if bases is None else bases[j]
+                    out[job.key] = DirectionResult(OK, D, refreshes=refreshes, basis=basis)
+                else:
+                    out[job.key] = _one(job)
+            except Exception as e:  # noqa: BLE001
+                out[job.key] = DirectionResult(ERROR, error=f"{type(e).__name__}: {e}", exc=e)
+            i += 1
+    return out, extra_values
 
 
 def _phase(job: DirectionJob) -> tuple:

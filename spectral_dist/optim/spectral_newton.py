@@ -434,13 +434,21 @@ class SpectralNewton(torch.optim.Optimizer):
         """Fold this rank's gradient elements into the momentum; return the local M to precondition."""
         return self.momentum_slots([(slot, g)])[0]
 
-    def momentum_slots(self, items) -> list[torch.Tensor]:
-        """:meth:`momentum_slot` for many ``(slot, local gradient)`` pairs with foreach ops, per param group."""
+    def momentum_slots(self, items, nonfinite=None) -> list[torch.Tensor]:
+        """:meth:`momentum_slot` for many ``(slot, local gradient)`` pairs with foreach ops, per param group.
+
+        ``nonfinite``: per item, a 0-d bool tensor (or None) saying the gradient is to be skipped, for a caller
+        that decides after the directions are computed (one host sync per step): such a gradient enters as
+        the buffer itself, so the buffer stays bit for bit what it was (lerp(b, b, w) = b) and M = b is finite."""
         out: list = [None] * len(items)
         work: dict = {}
         for i, (slot, g) in enumerate(items):
             cd = compute_dtype(slot.local().dtype)
-            work.setdefault((slot.gi, cd), []).append((i, slot.buffer("momentum_buffer", cd), g.to(cd)))
+            buf, g = slot.buffer("momentum_buffer", cd), g.to(cd)
+            bad = None if nonfinite is None else nonfinite[i]
+            if bad is not None:
+                g = torch.where(bad, buf, g)
+            work.setdefault((slot.gi, cd), []).append((i, buf, g))
         for (gi, _), its in work.items():
             group = self.param_groups[gi]
             mom = group["momentum"]
