@@ -206,14 +206,15 @@ def record_inputs(steps: int = 60, d: int = 256, layers: int = 2, seq: int = 128
     opt = SpectralNewton.from_model(model, alpha="by_layer", lr=lr, basis="svd", distributed=False)
     types = {i.name: i.layer_type for i in opt.param_infos}
     rec: dict = {}
-    real = ms.owner_directions
+    # every engine's owner computes through owner_directions_and_read (owner_directions calls it too)
+    real = ms.owner_directions_and_read
 
-    def spy(jobs):
+    def spy(jobs, extra=None):
         for j in jobs:
             rec.setdefault(j.key, (j.alpha, []))[1].append(j.M.detach().to("cpu", torch.float64).clone())
-        return real(jobs)
+        return real(jobs, extra)
 
-    ms.owner_directions = spy
+    ms.owner_directions_and_read = spy
     try:
         for i in range(steps):
             g = torch.Generator().manual_seed(i)
@@ -224,7 +225,11 @@ def record_inputs(steps: int = 60, d: int = 256, layers: int = 2, seq: int = 128
             loss.backward()
             opt.step()
     finally:
-        ms.owner_directions = real
+        ms.owner_directions_and_read = real
+    if not rec:
+        raise RuntimeError(
+            "recorded no matrix inputs: the optimizer no longer computes through owner_directions_and_read"
+        )
     # one process, so a job's key is its parameter's name
     out = {key: (types[key], float(alpha), seq_m) for key, (alpha, seq_m) in rec.items()}
     return out, float(loss.detach())

@@ -84,16 +84,16 @@ def worker(args) -> None:
             }
             engine, *_ = initialize(model=model, config=config(stage, opt, micro, over))
             math_t = [0.0]
-            real = ms.owner_directions
+            real = ms.owner_directions_and_read  # what every engine's owner computes through
 
-            def timed(jobs, real=real, math_t=math_t):  # the owner's batched directions, apart from the rest
+            def timed(jobs, extra=None, real=real, math_t=math_t):  # the owner's batched directions
                 t = time.perf_counter()
                 try:
-                    return real(jobs)
+                    return real(jobs, extra)
                 finally:
                     math_t[0] += time.perf_counter() - t
 
-            ms.owner_directions = timed
+            ms.owner_directions_and_read = timed
             g = torch.Generator().manual_seed(rank)
             step_t, iter_t, mt = [], [], []
             for i in range(args.warmup + args.steps):
@@ -122,7 +122,7 @@ def worker(args) -> None:
                     step_t.append(t[0].item())
                     iter_t.append(t[1].item())
                     mt.append(t[2].item())
-            ms.owner_directions = real
+            ms.owner_directions_and_read = real
             rows.append(
                 (stage, opt, statistics.median(step_t), statistics.median(iter_t), statistics.median(mt))
             )
