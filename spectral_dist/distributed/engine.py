@@ -238,14 +238,18 @@ class OwnerEngine:
             ) from e
 
     # ------------------------------------------------------------------ step
-    def step(self, opt) -> None:
+    def _begin(self, opt) -> tuple[list, list]:
+        """(slots, local gradients) of a step, with the plan checked and every state initialised."""
         slots = self.slots(opt)
         if not self._verified:
             self._verify(slots)
         for s in slots:  # the same state keys on every rank and in every run, used parameters or not
             if s.param.requires_grad:
                 opt.init_state(s)
-        grads = [s.grad() for s in slots]
+        return slots, [s.grad() for s in slots]
+
+    def step(self, opt) -> None:
+        slots, grads = self._begin(opt)
         decisions = self._agree(slots, grads)
         errors: list[BaseException] = []
         mats = [s for s, d in zip(slots, decisions) if d == "step" and s.kind == "matrix"]
@@ -319,9 +323,9 @@ class OwnerEngine:
         bad = None if nonfinite is None else [nonfinite[s.key] for s, _ in items]
         return {s.key: M for (s, _), M in zip(items, opt.momentum_slots(items, bad))}
 
-    def _owner_compute(self, opt, slots, full, extra=None):
-        """The owner's directions (``extra``: see :func:`~spectral_dist.optim.matrix_step.owner_directions_and_read`;
-        then ``(results, extra's values)``)."""
+    def _owner_compute(self, opt, slots, full, extra=None) -> tuple[dict[str, ms.DirectionResult], list]:
+        """(the owner's directions, ``extra``'s values): see
+        :func:`~spectral_dist.optim.matrix_step.owner_directions_and_read`."""
         jobs = []
         for s in slots:
             if self.plan.owner(s.key) != self.rank:
@@ -337,8 +341,6 @@ class OwnerEngine:
                     opt.counters(meta)["consecutive_failures"],
                 )
             )
-        if extra is None:
-            return ms.owner_directions(jobs)
         return ms.owner_directions_and_read(jobs, extra)
 
     def _matrix_step(self, opt, slots, grad_of) -> list[BaseException]:
@@ -347,7 +349,7 @@ class OwnerEngine:
         local = self._momentum(opt, slots, grad_of)
         group = False if self.local else self.group
         full = gather_to_owners(self.plan, local, group, keys=keys, dtype=dtype)
-        results = self._owner_compute(opt, slots, full)
+        results, _ = self._owner_compute(opt, slots, full)
         payload, extra_sizes = {}, {}
         by_key = {s.key: s for s in slots}
         for s in slots:
@@ -360,7 +362,7 @@ class OwnerEngine:
             [[float(r.status), float(r.retries), float(r.refreshes)] for r in results.values()], dtype=dtype
         ).reshape(len(owned), HEADER)
         for i, (k, r) in enumerate(results.items()):
-            D = r.D.reshape(-1) if r.D is not None and r.status in (ms.OK, ms.FALLBACK) else None
+            D = _sendable(r)
             basis = r.basis if (r.status == ms.OK and k in extra_sizes) else None
             if basis is not None and basis.numel() != extra_sizes[k]:
                 raise RuntimeError(
@@ -401,6 +403,11 @@ class OwnerEngine:
         return errors
 
 
+def _sendable(r: ms.DirectionResult) -> torch.Tensor | None:
+    """The flat direction a result carries to the apply step: only an OK or FALLBACK status has one."""
+    return r.D.reshape(-1) if r.D is not None and r.status in (ms.OK, ms.FALLBACK) else None
+
+
 def _dtype(slots) -> torch.dtype:
     """The exchange's dtype: float64 when any matrix is float64."""
     return torch.float64 if any(s.param.dtype == torch.float64 for s in slots) else torch.float32
@@ -419,11 +426,7 @@ class LocalEngine(OwnerEngine):
         super().__init__(group=False)
 
     def step(self, opt) -> None:
-        slots = self.slots(opt)
-        for s in slots:  # the same state keys in every run, used parameters or not
-            if s.param.requires_grad:
-                opt.init_state(s)
-        grads = [s.grad() for s in slots]
+        slots, grads = self._begin(opt)
         live = [i for i, g in enumerate(grads) if g is not None and g.numel()]
         bad = nonfinite_flags([grads[i] for i in live]) if live else None
         bad_of = {slots[i].key: b for i, b in zip(live, bad.unbind(0))} if live else {}
@@ -448,7 +451,7 @@ class LocalEngine(OwnerEngine):
             if s.key in skip:
                 continue
             r = results[s.key]
-            D = r.D.reshape(-1) if r.D is not None and r.status in (ms.OK, ms.FALLBACK) else None
+            D = _sendable(r)
             err = opt.finish_matrix(s, r.status, D, None, r.retries, r.refreshes, r, 0, updates=updates)
             if err is not None:
                 errors.append(err)

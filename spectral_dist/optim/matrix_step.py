@@ -293,8 +293,12 @@ def owner_directions_and_read(
                 if job.key not in out:
                     out[job.key] = DirectionResult(ERROR, error=f"{type(e).__name__}: {e}", exc=e)
     n_extra = 0 if extra is None else extra.numel()
+
+    def read_extra() -> list:  # alone: when there are no flags to read it with, or their read failed
+        return [] if extra is None else extra.reshape(-1).tolist()
+
     if not pending:
-        return out, ([] if extra is None else extra.reshape(-1).tolist())
+        return out, read_extra()
     try:
         dev = pending[0][2].device
         parts = [p[2].to(dev, torch.float32) for p in pending]
@@ -306,7 +310,7 @@ def owner_directions_and_read(
         for p in pending:
             for job in p[0]:
                 out[job.key] = DirectionResult(ERROR, error=f"{type(e).__name__}: {e}", exc=e)
-        return out, ([] if extra is None else extra.reshape(-1).tolist())
+        return out, read_extra()
     i = 0
     for bjobs, Ds, _, bases, refreshes in pending:
         for j, (job, D) in enumerate(zip(bjobs, Ds.unbind(0))):
