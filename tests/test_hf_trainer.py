@@ -6,6 +6,7 @@ by tests/wandb_tap.py; W&B's own run files are its private format)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -241,6 +242,49 @@ def test_trainer_single_process(offline_wandb):
     # diagnostics reach the Trainer's log history and the W&B offline run file, with the recipes' keys
     _check_diagnostics(_wandb_history(tmp), trainer.state.log_history)
     assert diag.monitor.num_sketches == STEPS
+
+
+@pytest.mark.slow
+def test_trainer_skips_a_nan_batch(tmp_path):
+    """One batch with a NaN loss (step 3) under the HF Trainer, whose default gradient clipping spreads the NaN
+    to every parameter: SpectralNewton skips that step for every parameter (matrices and AdamW's vectors), so
+    the weights after it equal those before, and training goes on: every other step moves every weight."""
+    from transformers import Trainer, TrainerCallback
+
+    args = make_args(tmp_path / "trainer", report_to=[])
+    assert args.max_grad_norm > 0
+    model = make_model()
+    opt, sched = spectral_newton_optimizers(model, args)
+    forward = model.forward
+
+    @functools.wraps(forward)  # the Trainer keeps the dataset columns that forward's signature names
+    def poisoned(*a, **kw):
+        out = forward(*a, **kw)
+        if trainer.state.global_step == 2:  # the batch of step 3
+            out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = poisoned
+    snaps = [{n: p.detach().clone() for n, p in model.named_parameters()}]
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            snaps.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    trainer = Trainer(
+        model=model, args=args, train_dataset=ByteCorpus(), optimizers=(opt, sched), callbacks=[Snapshot()]
+    )
+    trainer.train()
+    assert len(snaps) == STEPS + 1
+    for n in snaps[0]:
+        for step in range(1, STEPS + 1):
+            same = torch.equal(snaps[step][n], snaps[step - 1][n])
+            assert same == (step == 3), (n, step)
+        assert torch.isfinite(snaps[-1][n]).all(), n
+    stats = opt.stats()
+    assert {s["kind"] for s in stats.values()} == {"spectral", "adamw"}
+    for n, s in stats.items():
+        assert (s["skipped"], s["steps"]) == (1, STEPS - 1), (n, s)
 
 
 def _launch(launcher: list[str], out: Path, *script_args: str, env_extra=None, expect_ok=True) -> list[dict]:

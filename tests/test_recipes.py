@@ -85,6 +85,7 @@ ONE = ["--config_file", "configs/accelerate/cpu.yaml"]
 TWO = ["--config_file", "configs/accelerate/multi_gpu.yaml", "--num_processes", "2"]
 FSDP2 = ["--config_file", "configs/accelerate/fsdp2.yaml", "--num_processes", "2"]
 ZERO2 = ["--config_file", "configs/accelerate/deepspeed_zero2.yaml", "--num_processes", "2"]
+FAULT = ["--fault_at_step", "3", "--eval_every", "1", "--diag_every", "0", "--max_steps", "5"]
 MAX_PARALLEL = 3
 TIMEOUT = 600
 
@@ -167,6 +168,11 @@ def runs(tmp_path_factory):
         "resnet_ddp_cifar": (TWO, "resnet_cifar", ["--data_dir", str(cifar), "--optimizer", "adamw"]),
         "gpt_1": (ONE, "gpt_lm", ["--optimizer", "adamw", "--mixed_precision", "bf16"]),
         "gpt_ddp_parquet": (TWO, "gpt_lm", ["--data_path", str(parquet), "--optimizer", "muon"]),
+        # a NaN loss on one micro-batch of step 3 (the last process's): SpectralNewton under DDP (bf16, as
+        # multi_gpu.yaml ships) and ZeRO-2 skips it, torch AdamW does not
+        "gpt_ddp_fault": (TWO, "gpt_lm", [*FAULT, "--grad_accum", "2", "--batch_size", "4"]),
+        "vit_zero2_fault": (ZERO2, "vit_imagenet", FAULT),
+        "gpt_1_fault_adamw": (ONE, "gpt_lm", [*FAULT, "--optimizer", "adamw", "--grad_accum", "2"]),
     }
     pending, running, done = list(specs.items()), {}, {}
     t0 = time.time()
@@ -255,6 +261,44 @@ def test_recipe_runs(runs, name, world, dist):
         assert _last(recs, "traj/global/num_sketches") == 4
     else:  # DeepSpeed's deprecated torch.distributed calls are filtered (spectral_dist/_warnings.py)
         assert "FutureWarning" not in (out.parent / f"{name}.log").read_text()
+
+
+def _by_step(records, key) -> dict:
+    return {r["step"]: r[key] for r in records if key in r and r.get("step") is not None}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt_ddp_fault", "vit_zero2_fault"])
+def test_a_nan_batch_is_skipped_and_training_goes_on(runs, name):
+    """One micro-batch with a NaN loss at step 3, on the last process only: the gradient is NaN on every
+    process after the reduction, SpectralNewton skips step 3 everywhere (the weights, so the validation
+    loss, stay those of step 2), the loss window leaves the batch out and the run counts it, and training
+    goes on to step 5 with finite losses and moving weights."""
+    out = _ok(runs, name)
+    recs = _records(out)
+    assert _by_step(recs, "train/nonfinite_batches") == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1}
+    loss = _by_step(recs, "train/loss")
+    assert sorted(loss) == [1, 2, 3, 4, 5] and all(np.isfinite(v) for v in loss.values()), loss
+    val = _by_step(recs, "val/loss")
+    assert val[3] == val[2], val  # step 3 changed no weight
+    assert val[1] != val[2] and val[4] != val[3] and val[5] != val[4], val  # every other step did
+    if name == "gpt_ddp_fault":  # the trajectory monitor left the NaN gradient out too (not under ZeRO)
+        assert _by_step(recs, "traj/global/skipped_nonfinite")[4] == 1
+        assert np.isnan(float(_by_step(recs, "train/grad_norm")[3]))  # logged as it was ("nan" in JSONL)
+
+
+@pytest.mark.slow
+def test_a_nan_batch_under_adamw_stops_with_advice(runs):
+    """torch AdamW takes the NaN step (every weight NaN); the next window has no finite loss and the run
+    stops with a FloatingPointError that names the way out, after logging the step that had one."""
+    rc, out = runs["gpt_1_fault_adamw"]
+    log = (out.parent / "gpt_1_fault_adamw.log").read_text()
+    assert rc != 0, log[-3000:]
+    assert "FloatingPointError: training loss is non-finite at step 4" in log, log[-3000:]
+    assert "--optimizer adamw does not skip a non-finite gradient" in log and "spectral_newton" in log
+    recs = _records(out)
+    assert _by_step(recs, "train/nonfinite_batches") == {1: 0, 2: 0, 3: 1}
+    assert all(np.isfinite(v) for v in _by_step(recs, "train/loss").values())
 
 
 @pytest.mark.slow

@@ -110,6 +110,10 @@ class TrainConfig:
     kill_at_step: int = opt(
         0, "For kill/resume tests: every process SIGKILLs itself after this step (0: never)."
     )
+    fault_at_step: int = opt(
+        0,
+        "For fault tests: the last process's first micro-batch of this step gets a NaN loss (0: never).",
+    )
 
     def validate(self) -> None:
         validate_train_config(self)
@@ -212,6 +216,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
         "traj_every",
         "warmup_steps",
         "eval_batches",
+        "kill_at_step",
+        "fault_at_step",
     ):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")

@@ -79,6 +79,8 @@ class TrainState:
         self.wandb_id = None
         self.best = None
         self.wandb_segments: list[str] = []
+        # micro-batches (all processes) whose loss was NaN/Inf, left out of the logged loss
+        self.nonfinite_batches = 0
 
     def state_dict(self):
         return {
@@ -86,11 +88,13 @@ class TrainState:
             "wandb_id": self.wandb_id,
             "best": self.best,
             "wandb_segments": list(self.wandb_segments),
+            "nonfinite_batches": self.nonfinite_batches,
         }
 
     def load_state_dict(self, sd):
         self.step, self.wandb_id, self.best = int(sd["step"]), sd.get("wandb_id"), sd.get("best")
         self.wandb_segments = list(sd.get("wandb_segments") or [])
+        self.nonfinite_batches = int(sd.get("nonfinite_batches", 0))
 
 
 RUN_INFO = "run_info.json"  # beside each checkpoint: how it was written, read before anything is loaded
@@ -249,6 +253,30 @@ def evaluate(cfg, task: Task, accelerator: Accelerator, model) -> dict:
     return task.eval_metrics(dict(zip(keys, vec.tolist())))
 
 
+def _fault_here(cfg, step: int, micro: int, accelerator) -> bool:
+    """The ``--fault_at_step`` test hook: a NaN loss on the last process's first micro-batch of that step."""
+    last = accelerator.process_index == accelerator.num_processes - 1
+    return bool(cfg.fault_at_step) and step == cfg.fault_at_step and micro == 0 and last
+
+
+def _nonfinite_message(cfg, step: int, n_bad: int, n_total: int) -> str:
+    """Why the run stops: the logging window has no finite loss (or its finite losses overflow)."""
+    head = (
+        f"training loss is non-finite at step {step}: {n_bad} of the {n_total} micro-batches since the last "
+        f"log (all processes) had a NaN/Inf loss"
+    )
+    if cfg.optimizer == "spectral_newton":
+        return (
+            f"{head}. SpectralNewton skips a step whose gradient is non-finite, so the weights are finite: "
+            f"look at the data, lower --lr, or train in fp32 (--mixed_precision no)"
+        )
+    return (
+        f"{head}. --optimizer {cfg.optimizer} does not skip a non-finite gradient, so one bad batch makes "
+        f"every weight NaN; lower --lr, set --grad_clip, or use --optimizer spectral_newton (it skips "
+        f"non-finite steps and counts them)"
+    )
+
+
 def _save(accelerator, cfg, state: TrainState, logger=None):
     path = Path(cfg.output_dir, "checkpoints", f"step_{state.step}")
     if logger is not None:  # make every row logged so far durable, and remember the finished W&B segments
@@ -347,15 +375,21 @@ def train(cfg, task: Task) -> dict:
 
         progress = tqdm(total=cfg.max_steps, initial=state.step, desc=task.name, dynamic_ncols=True)
     model.train()
-    window_loss, window_n, t0 = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
+    # the loss window, on the device (no host sync until it is logged): the sum of the finite micro-batch
+    # losses, how many were finite, how many were not
+    window, window_n, t0 = torch.zeros(3, device=accelerator.device), 0, time.perf_counter()
     metrics: dict = {}
     while state.step < cfg.max_steps:
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch = _move(next(batches), accelerator.device)
             with accelerator.accumulate(model):
                 loss = task.loss_fn(model, batch)
+                if _fault_here(cfg, state.step + 1, micro, accelerator):
+                    loss = loss * float("nan")  # test hook: one bad batch on the last process
                 accelerator.backward(loss)
-            window_loss += loss.detach().float()
+            lv = loss.detach().float()
+            ok = torch.isfinite(lv)
+            window += torch.stack([torch.where(ok, lv, 0.0), ok.float(), (~ok).float()])
             window_n += 1
         grad_norm = None
         if cfg.grad_clip > 0:
@@ -370,23 +404,26 @@ def train(cfg, task: Task) -> dict:
             progress.update(1)
 
         if state.step % cfg.log_every == 0 or last:
-            avg = accelerator.reduce(window_loss / max(1, window_n), reduction="mean").item()
+            loss_sum, n_ok, n_bad = accelerator.reduce(window, reduction="sum").tolist()
+            state.nonfinite_batches += int(n_bad)
+            avg = loss_sum / n_ok if n_ok else float("nan")
+            if not math.isfinite(avg):
+                raise FloatingPointError(_nonfinite_message(cfg, state.step, int(n_bad), int(n_bad + n_ok)))
             dt = time.perf_counter() - t0
             metrics = {
                 "train/loss": avg,
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/samples_per_s": global_batch * window_n / cfg.grad_accum / max(dt, 1e-9),
                 "train/epoch": state.step * cfg.grad_accum / sampler.batches_per_epoch,
+                "train/nonfinite_batches": state.nonfinite_batches,
             }
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
-            if not math.isfinite(avg):
-                raise FloatingPointError(f"training loss is {avg} at step {state.step}; lower --lr")
             if logger is not None:
                 logger.log(metrics, step=state.step)
             if progress is not None:
                 progress.set_postfix(loss=f"{avg:.4f}")
-            window_loss.zero_()
+            window.zero_()
             window_n, t0 = 0, time.perf_counter()
 
         if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
