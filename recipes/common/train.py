@@ -256,7 +256,7 @@ def evaluate(cfg, task: Task, accelerator: Accelerator, model) -> dict:
 def _fault_here(cfg, step: int, micro: int, accelerator) -> bool:
     """The ``--fault_at_step`` test hook: a NaN loss on the last process's first micro-batch of that step."""
     last = accelerator.process_index == accelerator.num_processes - 1
-    return bool(cfg.fault_at_step) and step == cfg.fault_at_step and micro == 0 and last
+    return step == cfg.fault_at_step and micro == 0 and last  # steps count from 1: 0 never matches
 
 
 def _nonfinite_message(cfg, step: int, n_bad: int, n_total: int) -> str:
