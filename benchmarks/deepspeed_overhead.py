@@ -7,7 +7,7 @@ over both ranks in sequences of ``--seq``). Per step, the wall time of ``engine.
 spectral_newton the gather to owners, the directions, the scatter and the partition update) and of the whole
 iteration (forward, backward, step) are taken as the max over ranks; the table reports medians over the
 measured steps and the ratio to AdamW. "Matrix math" is the time in
-:func:`spectral_dist.optim.matrix_step.owner_directions` on the busiest owner (batched directions and scale):
+:func:`spectral_dist.optim.matrix_step.owner_directions_deferred` on the busiest owner (batched directions and scale):
 the rest of the spectral step is momentum, the exchange and the partition update.
 
 Usage: ``python benchmarks/deepspeed_overhead.py [--model gpt2 --depth 2 --tokens 4096 --stages 2]``.
@@ -84,16 +84,22 @@ def worker(args) -> None:
             }
             engine, *_ = initialize(model=model, config=config(stage, opt, micro, over))
             math_t = [0.0]
-            real = ms.owner_directions_and_read  # what every engine's owner computes through
+            # what the engines' owners compute through: the deferred form over a process group, the read form
+            # in one process (CPU timings: on a GPU the deferred call returns before its kernels finish)
+            reals = {n: getattr(ms, n) for n in ("owner_directions_and_read", "owner_directions_deferred")}
 
-            def timed(jobs, extra=None, real=real, math_t=math_t):  # the owner's batched directions
-                t = time.perf_counter()
-                try:
-                    return real(jobs, extra)
-                finally:
-                    math_t[0] += time.perf_counter() - t
+            def timed_of(real, math_t=math_t):
+                def timed(*a, **k):  # the owner's batched directions
+                    t = time.perf_counter()
+                    try:
+                        return real(*a, **k)
+                    finally:
+                        math_t[0] += time.perf_counter() - t
 
-            ms.owner_directions_and_read = timed
+                return timed
+
+            for n, real in reals.items():
+                setattr(ms, n, timed_of(real))
             g = torch.Generator().manual_seed(rank)
             step_t, iter_t, mt = [], [], []
             for i in range(args.warmup + args.steps):
@@ -122,7 +128,8 @@ def worker(args) -> None:
                     step_t.append(t[0].item())
                     iter_t.append(t[1].item())
                     mt.append(t[2].item())
-            ms.owner_directions_and_read = real
+            for n, real in reals.items():
+                setattr(ms, n, real)
             rows.append(
                 (stage, opt, statistics.median(step_t), statistics.median(iter_t), statistics.median(mt))
             )

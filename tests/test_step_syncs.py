@@ -69,9 +69,9 @@ def _syncs(model, **opts) -> tuple[int, int]:
     ],
 )
 def test_host_syncs_per_step_do_not_grow_with_the_number_of_matrices(opts, max_events, max_reads):
-    """One process: 2 host reads per step (the agreement table, the owner's finite flags), whatever the number
-    of matrices; eigh/SVD bases add their info check once per shape group, not per matrix. Before issue 16
-    the default (svd) step had 10 item + 8 is_nonzero events for 2 shape groups (per-group isfinite checks)."""
+    """One process: 1 host read per step (the gradients' non-finite flags with the owner's finite flags),
+    whatever the number of matrices (2 ranks: tests/test_step_syncs_dist.py); eigh/SVD bases add their info
+    check once per shape group, not per matrix. Before issue 16 the default (svd) step had 10 item + 8 is_nonzero events for 2 shape groups (per-group isfinite checks)."""
     small, large = _syncs(_model(2), **opts), _syncs(_model(8), **opts)  # 5 vs 17 matrices
     assert small == large, (small, large)
     events, reads = large

@@ -2,32 +2,40 @@
 
 An engine only needs *slots*: for each parameter the optimizer steps, its key (FQN), its layout over the
 ranks (:mod:`.describe` for tensors and DTensors, the DeepSpeed integration for ZeRO's flat partitions) and
-accessors for this rank's local data, gradient and state buffers. A step is:
+accessors for this rank's local data, gradient and state buffers. A step reads the device once:
 
-1. **Agreement** (one ``all_reduce`` and one host sync): per parameter, how many holders have a
-   gradient and whether any holder's gradient is non-finite. Every rank then takes the same decisions: skip a
-   parameter whose gradient is non-finite anywhere (also a shard of a vector), raise when a gradient is
-   missing on some holders, raise ``NonFiniteGradientError`` after too many skips in a row.
+1. **Agreement** (one ``all_reduce``, not read yet): per parameter, how many holders have a gradient and how
+   many hold a non-finite one, as a table on the device, and from it a per-parameter "steps" flag.
 2. **Momentum**, elementwise on each rank's own elements (momentum lives sharded like the parameter, so every
    rank's state dict has the parameter's own layout: DCP, accelerate and DeepSpeed checkpoints just work).
-3. ``gather_to_owners``: the momentum-blended matrix M goes to its owner (LPT plan), each piece once.
-4. The owner computes the direction (batched by shape, :func:`~spectral_dist.optim.matrix_step.owner_directions`;
-   the finite flags of all its batches are read with one host sync).
-5. ``scatter_from_owners``: every rank receives a status header for every matrix, its pieces of the
-   direction and, for tracked bases, the new basis (kept on every rank so any rank's state is complete).
-   All headers are read with one host sync (none in one process, where they are the owner's own results).
-6. Every rank applies its pieces (weight decay, lr from the *live* param group) with foreach ops, updates the
-   counters from the header (identical everywhere) and raises together when a status says so. AdamW runs
-   with foreach ops on the vectors' local elements.
+   A gradient whose flag says it does not step enters as the buffer itself (``torch.where``), which leaves
+   the buffer bit for bit as it was.
+3. ``gather_to_owners``: the momentum-blended matrix M goes to its owner (LPT plan), each piece once. Every
+   matrix takes part except those that had no gradient on any rank at their last step (a set every rank
+   derives from the same read table, so the list is the same everywhere).
+4. The owner computes the directions, batched by shape
+   (:func:`~spectral_dist.optim.matrix_step.owner_directions_deferred`); each batch's finite flags stay on
+   the device and become the status column of the owner's headers (``OK``, or ``REDO`` where not finite).
+5. ``scatter_from_owners``: every rank receives a header for every matrix, its pieces of the direction and,
+   for stateful bases, the new basis (kept on every rank so any rank's state is complete).
+6. **The step's one host sync**: the agreement table and all headers, read together. Every rank then takes
+   the same decisions: skip a parameter whose gradient is non-finite anywhere (also a shard of a vector),
+   raise when a gradient is missing on some holders (nothing has changed yet), raise
+   ``NonFiniteGradientError`` after too many skips in a row; apply the directions (weight decay, lr from the
+   *live* param group) with foreach ops, update counters from the headers (identical everywhere), and run
+   AdamW with foreach ops on the vectors' local elements.
 
-In one process (:class:`LocalEngine`) the agreement is local and needs no read of its own: the gradients'
-non-finite flags travel with the owner's finite flags of step 4 (a non-finite gradient leaves its momentum as
-it was; its direction is discarded).
+Two rare cases read more, on every rank together since the read told all of them: a ``REDO`` (a batch's
+finite flag was False) is recomputed alone by its owner with the float64 retry and scattered again; a matrix
+that has a gradient again after a step without one is exchanged on its own.
 
-Host syncs per step: 1 in one process, 3 over a process group, whatever the number of matrices, with the
-matmul-only bases (``basis="auto"`` at alpha 0, 1, 2); eigh/SVD-based bases add one per shape group (the
-LAPACK/cuSOLVER info check), stateful bases (tracked, eigenbasis) a few per matrix
-(tests/test_step_syncs.py counts them).
+In one process (:class:`LocalEngine`) there is no table to reduce: the gradients' non-finite flags are read
+with the owner's finite flags, after the directions.
+
+Host syncs per step: 1, in one process and over a process group, whatever the number of matrices, with the
+matmul-only bases (``basis="auto"`` at alpha 0, 1, 2 and the eigenbasis after its first step); eigh/SVD-based
+bases add one per shape group (the LAPACK/cuSOLVER info check), the tracked basis a few per matrix
+(tests/test_step_syncs.py and tests/test_step_syncs_dist.py count them).
 
 Engine choice (:func:`make_engine`), taken at the first step, never at construction (building an optimizer
 is never collective, so one built on a single rank cannot hang): ``distributed=False`` or no initialised
@@ -154,12 +162,13 @@ class OwnerEngine:
         self._slots: list | None = None
         self._signature = None
         self._verified = self.local
+        self._absent: set[str] = set()  # matrices without gradient on every rank at their last step
 
     # ------------------------------------------------------------------ slots and plan
     def slots(self, opt) -> list:
         """The slots of the optimizer's parameters (rebuilt when its parameters change)."""
         sig = tuple(
-            (gi, id(p), bool(opt.is_matrix(p, g)))
+            (gi, id(p), bool(opt.is_matrix(p, g)), p.requires_grad)
             for gi, g in enumerate(opt.param_groups)
             for p in g["params"]
         )
@@ -195,7 +204,9 @@ class OwnerEngine:
 
     def _verify(self, slots) -> None:
         """All ranks must step the same parameters with the same layouts: compare a hash (collective)."""
-        h = zlib.crc32(repr([(s.key, s.kind, s.layout.describe()) for s in slots]).encode())
+        h = zlib.crc32(
+            repr([(s.key, s.kind, s.param.requires_grad, s.layout.describe()) for s in slots]).encode()
+        )
         h = zlib.crc32(self.plan.hash.encode(), h)
         mine = torch.tensor(
             [float(h), float(len(slots))], dtype=torch.float64, device=comm_device(self.group)
@@ -223,7 +234,7 @@ class OwnerEngine:
                     )
             raise PlanMismatchError(
                 "ranks step different parameters or layouts: "
-                + ("; ".join(detail) or "same names, different shapes, kinds or orders")
+                + ("; ".join(detail) or "same names, different shapes, kinds, requires_grad or orders")
                 + ". Every rank must build the optimizer over the same parameters, in the same order"
             )
         self._verified = True
@@ -249,6 +260,189 @@ class OwnerEngine:
         return slots, [s.grad() for s in slots]
 
     def step(self, opt) -> None:
+        """One step with one host sync (module docstring): nothing is read before the exchange."""
+        slots, grads = self._begin(opt)
+        if not slots:
+            return
+        n = len(slots)
+        table, stepping = self._agreement(slots, grads)
+        # every trainable matrix not known to be without gradient enters the exchange (the same list on every
+        # rank: the absent set comes from an all-reduced table, requires_grad is in the plan's checked hash);
+        # the read below decides what is applied
+        mats = [
+            s for s in slots if s.kind == "matrix" and s.param.requires_grad and s.key not in self._absent
+        ]
+        grad_of = {s.key: g for s, g in zip(slots, grads)}
+        index = {s.key: i for i, s in enumerate(slots)}
+        keys = [s.key for s in mats]
+        dtype = _dtype(slots)
+        group = False if self.local else self.group
+        results: dict = {}
+        got: dict = {}
+        jobs: dict = {}
+        if mats:
+            gdev = next((g.device for g in grads if g is not None), stepping.device)
+            held_back = (~stepping).to(gdev).unbind(0)  # a gradient that does not step leaves its momentum
+            local = self._momentum(opt, mats, grad_of, {s.key: held_back[index[s.key]] for s in mats})
+            for s in mats:  # a holder without gradient sends zeros: the table already says "none" or raises
+                if s.key not in local and s.layout.local_numel(self.rank):
+                    local[s.key] = torch.zeros(s.layout.local_numel(self.rank), dtype=dtype, device=gdev)
+            full = gather_to_owners(self.plan, local, group, keys=keys, dtype=dtype)
+            results, jobs = self._owner_compute(opt, mats, full, deferred=True)
+            got = self._scatter(opt, mats, results, dtype)
+        # the one host sync: the agreement table and every matrix's header, from every owner
+        parts = [table.reshape(-1)] + [got[k][0].reshape(-1).to(table.device, table.dtype) for k in keys]
+        vals = torch.cat(parts).tolist()
+        decisions = self._decide(slots, vals[: 2 * n])
+        headers = {k: vals[2 * n + HEADER * i : 2 * n + HEADER * (i + 1)] for i, k in enumerate(keys)}
+        self._absent = (self._absent - {s.key for s in slots}) | {
+            s.key for s, d in zip(slots, decisions) if s.kind == "matrix" and d == "none"
+        }
+        errors: list[BaseException] = []
+        for s, d in zip(slots, decisions):
+            if d == "skip":
+                err = opt.note_skip(s.meta(), s.key)
+                if err is not None:
+                    errors.append(err)
+        stepped = {s.key for s, d in zip(slots, decisions) if d == "step" and s.kind == "matrix"}
+        redo = [k for k in keys if k in stepped and headers[k][0] == ms.REDO]
+        if redo:  # a batch's finite flag was False: its owner redoes those matrices alone (rare: more syncs)
+            got.update(self._redo(opt, [s for s in mats if s.key in redo], jobs, results, dtype, headers))
+        updates: list = []
+        for s in mats:
+            if s.key not in stepped:
+                continue
+            status, retries, refreshes = headers[s.key]
+            _, D, extra = got[s.key]
+            err = opt.finish_matrix(
+                s,
+                int(status),
+                D,
+                extra,
+                int(retries),
+                int(refreshes),
+                results.get(s.key),
+                self.plan.owner(s.key),
+                updates=updates,
+            )
+            if err is not None:
+                errors.append(err)
+        opt.apply_matrix_updates(updates)
+        exchanged = set(keys)
+        late = [s for s in slots if s.key in stepped and s.key not in exchanged]
+        if late:  # a matrix without gradient at the last step has one now: exchanged on its own (more syncs)
+            errors.extend(self._matrix_step(opt, late, grad_of))
+        vecs = [(s, g) for s, g, d in zip(slots, grads, decisions) if d == "step" and s.kind == "vector"]
+        if vecs:
+            opt.adamw_slots(vecs)  # foreach over all vectors, grouped by param group and dtype
+        if errors:
+            raise errors[0]
+
+    def _agreement(self, slots, grads) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table, stepping) on the device, not read: the all-reduced table [holders with a gradient (n),
+        holders whose gradient is non-finite (n)], and per slot whether it steps (every holder has a finite
+        gradient)."""
+        n = len(slots)
+        device = comm_device(self.group) if not self.local else None
+        have = [g is not None for g in grads]
+        held = [s.layout.local_numel(self.rank) > 0 for s in slots]
+        present = [g for g in grads if g is not None and g.numel()]
+        dev = device if device is not None else (present[0].device if present else torch.device("cpu"))
+        bad = torch.zeros(n, dtype=torch.float32, device=dev)
+        if present:
+            flags = nonfinite_flags(present).float().to(dev)
+            idx = torch.tensor([i for i, g in enumerate(grads) if g is not None and g.numel()], device=dev)
+            bad = bad.index_copy(0, idx, flags)
+        # one host-built table of the counts and the holders (one copy to the device)
+        consts = torch.tensor(
+            [float(h and k) for h, k in zip(have, held)]
+            + [float(len(s.layout.holders()) if not self.local else 1) for s in slots],
+            dtype=torch.float32,
+        ).to(dev)
+        table = torch.cat([consts[:n], bad])
+        if not self.local:
+            self._all_reduce(table, dist.ReduceOp.SUM, f"the gradient agreement of {n} parameters")
+        stepping = (table[:n] == consts[n:]) & (table[n:] == 0)
+        return table, stepping
+
+    def _decide(self, slots, vals) -> list[str]:
+        """Per slot "none" (no gradient anywhere), "skip" (non-finite somewhere) or "step" from the read
+        table; identical on all ranks. Raises (everywhere) when some holders have a gradient and others not."""
+        n = len(slots)
+        out, problems = [], []
+        for i, s in enumerate(slots):
+            got, nonfinite = int(round(vals[i])), vals[n + i] > 0
+            holders = len(s.layout.holders()) if not self.local else 1
+            if got == 0:
+                out.append("none")
+            elif got != holders:
+                problems.append(s.key)
+                out.append("none")
+            else:
+                out.append("skip" if nonfinite else "step")
+        if problems:
+            raise RuntimeError(
+                f"parameter(s) {_names(problems)} have a gradient on some of the ranks that hold them but not "
+                "on others; every rank must run the same backward (or set unused gradients to zeros)"
+            )
+        return out
+
+    def _scatter(self, opt, mats, results, dtype, keys=None) -> dict:
+        """Every rank gets, for each matrix of ``mats``, its owner's header, its pieces of the direction and,
+        for stateful bases, the new basis. A deferred result's header says ``REDO`` where its finite flag is
+        False (built on the device: nothing is read here)."""
+        group = False if self.local else self.group
+        extra_sizes = {}
+        for s in mats:
+            method = ms.slot_method(opt, s)
+            if method in STATEFUL:  # the new basis travels to every rank
+                extra_sizes[s.key] = math.prod(ms.basis_shape(s.mshape, s.group, method))
+        owned = list(results)
+        payload = {}
+        if owned:
+            table = torch.tensor(
+                [[float(r.status), float(r.retries), float(r.refreshes)] for r in results.values()],
+                dtype=dtype,
+            ).reshape(len(owned), HEADER)
+            deferred = [r.ok for r in results.values() if r.ok is not None]
+            if deferred:
+                dev = deferred[0].device
+                table = table.to(dev)
+                okv = torch.stack(
+                    [
+                        r.ok.to(dev) if r.ok is not None else torch.ones((), dtype=torch.bool, device=dev)
+                        for r in results.values()
+                    ]
+                )
+                table[:, 0] = torch.where(okv, table[:, 0], float(ms.REDO))
+            for i, (k, r) in enumerate(results.items()):
+                basis = r.basis if (r.status == ms.OK and k in extra_sizes) else None
+                if basis is not None and basis.numel() != extra_sizes[k]:
+                    raise RuntimeError(
+                        f"tracked basis of {k!r} has {basis.numel()} numbers, expected {extra_sizes[k]}"
+                    )
+                payload[k] = (table[i], _sendable(r), basis)
+        keys = [s.key for s in mats]
+        return scatter_from_owners(
+            self.plan, payload, group, keys=keys, header_size=HEADER, extra_sizes=extra_sizes, dtype=dtype
+        )
+
+    def _redo(self, opt, mats, jobs, results, dtype, headers) -> dict:
+        """The matrices whose batched result was not finite: each owner redoes its own alone (float64 retry,
+        fallback rules), every rank receives the new header and direction; ``results`` and ``headers`` are
+        updated in place. Collective: every rank calls it with the same ``mats`` (read from the headers)."""
+        mine = {s.key: ms.redo(jobs[s.key]) for s in mats if s.key in jobs}
+        results.update(mine)
+        got = self._scatter(opt, mats, mine, dtype)
+        keys = [s.key for s in mats]
+        dev = next((got[k][0].device for k in keys if got[k][0].device.type != "cpu"), torch.device("cpu"))
+        vals = torch.stack([got[k][0].reshape(-1).to(dev, dtype) for k in keys]).tolist()
+        headers.update(zip(keys, vals))
+        return got
+
+    def _step_read_first(self, opt) -> None:
+        """The step of :class:`ShardLocalEngine`: the agreement is read before the matrix step (which then
+        needs no exchange of its own and may read more)."""
         slots, grads = self._begin(opt)
         decisions = self._agree(slots, grads)
         errors: list[BaseException] = []
@@ -268,52 +462,11 @@ class OwnerEngine:
             raise errors[0]
 
     def _agree(self, slots, grads) -> list[str]:
-        """Per slot "none" (no gradient anywhere), "skip" (non-finite somewhere) or "step"; identical on all
-        ranks. One host sync."""
-        n = len(slots)
-        if n == 0:
+        """:meth:`_decide` on the all-reduced agreement table, read at once (one host sync)."""
+        if not slots:
             return []
-        device = comm_device(self.group) if not self.local else None
-        have = [g is not None for g in grads]
-        held = [s.layout.local_numel(self.rank) > 0 for s in slots]
-        present = [g for g in grads if g is not None and g.numel()]
-        bad = torch.zeros(
-            n,
-            dtype=torch.float32,
-            device=device if device is not None else (present[0].device if present else None),
-        )
-        if present:
-            flags = nonfinite_flags(present).float()
-            idx = torch.tensor(
-                [i for i, g in enumerate(grads) if g is not None and g.numel()], device=flags.device
-            )
-            bad = bad.to(flags.device).index_copy(0, idx, flags)
-        counts = torch.tensor(
-            [float(h and k) for h, k in zip(have, held)], dtype=torch.float32, device=bad.device
-        )
-        table = torch.cat([counts, bad])
-        if not self.local:
-            table = table.to(device)
-            self._all_reduce(table, dist.ReduceOp.SUM, f"the gradient agreement of {n} parameters")
-        vals = table.tolist()
-        out = []
-        problems = []
-        for i, s in enumerate(slots):
-            got, nonfinite = int(round(vals[i])), vals[n + i] > 0
-            holders = len(s.layout.holders()) if not self.local else 1
-            if got == 0:
-                out.append("none")
-            elif got != holders:
-                problems.append(s.key)
-                out.append("none")
-            else:
-                out.append("skip" if nonfinite else "step")
-        if problems:
-            raise RuntimeError(
-                f"parameter(s) {_names(problems)} have a gradient on some of the ranks that hold them but not "
-                "on others; every rank must run the same backward (or set unused gradients to zeros)"
-            )
-        return out
+        table, _ = self._agreement(slots, grads)
+        return self._decide(slots, table.tolist())
 
     # ------------------------------------------------------------------ matrices
     def _momentum(self, opt, slots, grad_of, nonfinite=None) -> dict[str, torch.Tensor]:
@@ -323,9 +476,11 @@ class OwnerEngine:
         bad = None if nonfinite is None else [nonfinite[s.key] for s, _ in items]
         return {s.key: M for (s, _), M in zip(items, opt.momentum_slots(items, bad))}
 
-    def _owner_compute(self, opt, slots, full, extra=None) -> tuple[dict[str, ms.DirectionResult], list]:
-        """(the owner's directions, ``extra``'s values): see
-        :func:`~spectral_dist.optim.matrix_step.owner_directions_and_read`."""
+    def _owner_compute(self, opt, slots, full, extra=None, deferred=False):
+        """(the owner's directions, ``extra``'s values) by
+        :func:`~spectral_dist.optim.matrix_step.owner_directions_and_read`; ``deferred=True``: (directions
+        with their finite flags unread, :func:`~spectral_dist.optim.matrix_step.owner_directions_deferred`,
+        and the jobs by key, for a redo)."""
         jobs = []
         for s in slots:
             if self.plan.owner(s.key) != self.rank:
@@ -341,6 +496,8 @@ class OwnerEngine:
                     opt.counters(meta)["consecutive_failures"],
                 )
             )
+        if deferred:
+            return ms.owner_directions_deferred(jobs), {j.key: j for j in jobs}
         return ms.owner_directions_and_read(jobs, extra)
 
     def _matrix_step(self, opt, slots, grad_of) -> list[BaseException]:
@@ -350,28 +507,8 @@ class OwnerEngine:
         group = False if self.local else self.group
         full = gather_to_owners(self.plan, local, group, keys=keys, dtype=dtype)
         results, _ = self._owner_compute(opt, slots, full)
-        payload, extra_sizes = {}, {}
         by_key = {s.key: s for s in slots}
-        for s in slots:
-            method = ms.slot_method(opt, s)
-            if method in STATEFUL:  # the new basis travels to every rank
-                extra_sizes[s.key] = math.prod(ms.basis_shape(s.mshape, s.group, method))
-        owned = list(results)
-        # all of this rank's headers as one host-built table (one copy to the device, not one per matrix)
-        table = torch.tensor(
-            [[float(r.status), float(r.retries), float(r.refreshes)] for r in results.values()], dtype=dtype
-        ).reshape(len(owned), HEADER)
-        for i, (k, r) in enumerate(results.items()):
-            D = _sendable(r)
-            basis = r.basis if (r.status == ms.OK and k in extra_sizes) else None
-            if basis is not None and basis.numel() != extra_sizes[k]:
-                raise RuntimeError(
-                    f"tracked basis of {k!r} has {basis.numel()} numbers, expected {extra_sizes[k]}"
-                )
-            payload[k] = (table[i], D, basis)
-        got = scatter_from_owners(
-            self.plan, payload, group, keys=keys, header_size=HEADER, extra_sizes=extra_sizes, dtype=dtype
-        )
+        got = self._scatter(opt, slots, results, dtype)
         if self.local:  # one process: the headers are this process's own results, no copy needed
             headers = [[r.status, r.retries, r.refreshes] for r in (results[k] for k in keys)]
         elif keys:  # a host sync: every header at once (headers from other ranks are on the communication
@@ -478,6 +615,9 @@ class ShardLocalEngine(OwnerEngine):
 
     def __init__(self, group=None):
         super().__init__(group=group if dist.is_available() and dist.is_initialized() else False)
+
+    def step(self, opt) -> None:
+        self._step_read_first(opt)
 
     def _matrix_step(self, opt, slots, grad_of) -> list[BaseException]:
         local = self._momentum(opt, slots, grad_of)

@@ -38,6 +38,7 @@ __all__ = [
     "MAX_DECOMPOSITION_FAILURES",
     "OK",
     "RAISE",
+    "REDO",
     "SKIP",
     "DirectionJob",
     "DirectionResult",
@@ -47,6 +48,8 @@ __all__ = [
     "method_of",
     "owner_directions",
     "owner_directions_and_read",
+    "owner_directions_deferred",
+    "redo",
     "slot_cost",
     "slot_method",
     "scale_directions",
@@ -54,6 +57,7 @@ __all__ = [
 ]
 
 OK, SKIP, FALLBACK, RAISE, ERROR = 0, 1, 2, 3, 4
+REDO = 5  # in an exchange header only: a deferred batch's finite flag was False, the owner redoes the matrix
 MAX_DECOMPOSITION_FAILURES = 3
 
 
@@ -155,6 +159,9 @@ class DirectionResult:
     basis: torch.Tensor | None = None  # new tracked basis (n x r) when status is OK
     error: str = ""
     exc: BaseException | None = field(default=None, repr=False)
+    ok: torch.Tensor | None = field(
+        default=None, repr=False
+    )  # deferred finite flag (owner_directions_deferred)
 
 
 def scale_directions(D: torch.Tensor, group: Mapping) -> torch.Tensor:
@@ -244,6 +251,64 @@ def owner_directions_and_read(
 ) -> tuple[dict[str, DirectionResult], list]:
     """:func:`owner_directions`, and the values of ``extra`` (a 1-D tensor, e.g. the gradients' non-finite
     flags) read in the same host sync as the finite flags: one sync for both (one process: the whole step's)."""
+    out, pending = _launch(jobs)
+    n_extra = 0 if extra is None else extra.numel()
+
+    def read_extra() -> list:  # alone: when there are no flags to read it with, or their read failed
+        return [] if extra is None else extra.reshape(-1).tolist()
+
+    if not pending:
+        return out, read_extra()
+    try:
+        dev = pending[0][2].device
+        parts = [p[2].to(dev, torch.float32) for p in pending]
+        if extra is not None:
+            parts.append(extra.reshape(-1).to(dev, torch.float32))
+        read = torch.cat(parts).tolist()  # the owner's one host sync
+        flags, extra_values = read[: len(read) - n_extra], read[len(read) - n_extra :]
+    except Exception as e:  # noqa: BLE001
+        for p in pending:
+            for job in p[0]:
+                out[job.key] = DirectionResult(ERROR, error=f"{type(e).__name__}: {e}", exc=e)
+        return out, read_extra()
+    i = 0
+    for bjobs, Ds, _, bases, refreshes in pending:
+        for j, (job, D) in enumerate(zip(bjobs, Ds.unbind(0))):
+            out[job.key] = (
+                DirectionResult(OK, D, refreshes=refreshes, basis=None if bases is None else bases[j])
+                if flags[i]
+                else redo(job)
+            )
+            i += 1
+    return out, extra_values
+
+
+def owner_directions_deferred(jobs: list[DirectionJob]) -> dict[str, DirectionResult]:
+    """:func:`owner_directions` without its host sync, for an engine that reads the flags later with others
+    (over a process group: with the gradient agreement and every owner's headers, one read per step).
+
+    A batched matrix's result has status ``OK`` and its finite flag in ``ok`` (a 0-d bool on the device, not
+    read); where the flag turns out False the caller discards the direction and calls :func:`redo`. Results
+    without ``ok`` (stateful ``tracked`` bases, batches that raised) are final, as in :func:`owner_directions`."""
+    out, pending = _launch(jobs)
+    for bjobs, Ds, ok, bases, refreshes in pending:
+        for j, (job, D, f) in enumerate(zip(bjobs, Ds.unbind(0), ok.reshape(-1).unbind(0))):
+            basis = None if bases is None else bases[j]
+            out[job.key] = DirectionResult(OK, D, refreshes=refreshes, basis=basis, ok=f)
+    return out
+
+
+def redo(job: DirectionJob) -> DirectionResult:
+    """A matrix whose batched result was not finite, alone, with the float64 retry and the fallback rules."""
+    try:
+        return _one(job)
+    except Exception as e:  # noqa: BLE001 - reported to every rank, raised everywhere
+        return DirectionResult(ERROR, error=f"{type(e).__name__}: {e}", exc=e)
+
+
+def _launch(jobs: list[DirectionJob]) -> tuple[dict[str, DirectionResult], list[tuple]]:
+    """(final results, pending batches): every batch computed, nothing read. A pending batch is (jobs,
+    scaled directions, finite flags, new bases or None, refreshes)."""
     out: dict[str, DirectionResult] = {}
     batches: dict[tuple, list[DirectionJob]] = {}
     methods: dict[tuple, str] = {}
@@ -292,38 +357,7 @@ def owner_directions_and_read(
             for job in bjobs:
                 if job.key not in out:
                     out[job.key] = DirectionResult(ERROR, error=f"{type(e).__name__}: {e}", exc=e)
-    n_extra = 0 if extra is None else extra.numel()
-
-    def read_extra() -> list:  # alone: when there are no flags to read it with, or their read failed
-        return [] if extra is None else extra.reshape(-1).tolist()
-
-    if not pending:
-        return out, read_extra()
-    try:
-        dev = pending[0][2].device
-        parts = [p[2].to(dev, torch.float32) for p in pending]
-        if extra is not None:
-            parts.append(extra.reshape(-1).to(dev, torch.float32))
-        read = torch.cat(parts).tolist()  # the owner's one host sync
-        flags, extra_values = read[: len(read) - n_extra], read[len(read) - n_extra :]
-    except Exception as e:  # noqa: BLE001
-        for p in pending:
-            for job in p[0]:
-                out[job.key] = DirectionResult(ERROR, error=f"{type(e).__name__}: {e}", exc=e)
-        return out, read_extra()
-    i = 0
-    for bjobs, Ds, _, bases, refreshes in pending:
-        for j, (job, D) in enumerate(zip(bjobs, Ds.unbind(0))):
-            try:
-                if flags[i]:
-                    basis = None if bases is None else bases[j]
-                    out[job.key] = DirectionResult(OK, D, refreshes=refreshes, basis=basis)
-                else:
-                    out[job.key] = _one(job)
-            except Exception as e:  # noqa: BLE001
-                out[job.key] = DirectionResult(ERROR, error=f"{type(e).__name__}: {e}", exc=e)
-            i += 1
-    return out, extra_values
+    return out, pending
 
 
 def _phase(job: DirectionJob) -> tuple:
