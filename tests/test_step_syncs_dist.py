@@ -126,10 +126,33 @@ def _rare_paths(rank, world, opts) -> dict:
     return {"err": err, "where": where, "stats": stats, "ref_stats": ref_stats}
 
 
+def _count_fsdp2(rank, world) -> tuple[int, int]:
+    """(profiler sync events, host reads) in the second step of the dist_scenarios Net under FSDP2 (row shards,
+    an empty shard, a frozen and an unused layer), through its real backward, default basis by layer."""
+    from dist_scenarios import GLOBAL_BATCH, batch, make_model, make_opt, wrap
+
+    model = make_model()
+    wrapped, inner = wrap(model, "fsdp2")
+    opt = make_opt(inner, from_model=True, basis="auto")
+    per = GLOBAL_BATCH // world
+    for t in range(2):
+        x, y = batch(t)
+        opt.zero_grad()
+        nn.functional.mse_loss(
+            wrapped(x[rank * per : (rank + 1) * per]), y[rank * per : (rank + 1) * per]
+        ).backward()
+        if t == 0:
+            opt.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof, _host_reads() as reads:
+        opt.step()
+    return sum(e.name in SYNC_EVENTS for e in prof.events()), reads.count
+
+
 def sync_worker(rank, world) -> dict:
     out: dict = {"counts": {}, "rare": {}}
     for name, opts in COUNT_OPTS.items():
         out["counts"][name] = [_count(_stack(n), **opts) for n in (2, 8)]  # 5 against 17 matrices
+    out["fsdp2"] = _count_fsdp2(rank, world)
     for name, opts in {
         "auto_by_layer": dict(from_model=True, basis="auto"),
         "eigenbasis": dict(alpha=0.5, basis="auto"),
@@ -155,6 +178,13 @@ def test_one_host_sync_per_step_over_a_process_group(results, method):
         events, reads = large
         assert events == 0, (rank, method, events)
         assert reads <= 1, (rank, method, reads)
+
+
+def test_one_host_sync_per_step_under_fsdp2(results):
+    """FSDP2 row shards through a real backward: the same single read per step."""
+    for rank, res in enumerate(results):
+        events, reads = res["fsdp2"]
+        assert events == 0 and reads <= 1, (rank, events, reads)
 
 
 @pytest.mark.parametrize("case", ["auto_by_layer", "eigenbasis"])
