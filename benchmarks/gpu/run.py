@@ -69,6 +69,78 @@ def stage_step_cost(device, quick: bool) -> dict:
     return out
 
 
+SYNC_CASES = (
+    ("alpha 1: polar_express", dict(alpha=1.0)),
+    ("alpha 2: cholesky", dict(alpha=2.0)),
+    ("alpha 0.5: eigenbasis", dict(alpha=0.5)),
+    ("alpha 1.65: eigenbasis", dict(alpha=1.65)),
+)
+
+
+class _TensorReads(torch.overrides.TorchFunctionMode):
+    """Counts tensor -> Python reads (tolist, item, bool...): the CPU stand-in for CUDA's sync debug mode."""
+
+    NAMES = ("tolist", "item", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.NAMES:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _syncs_in_a_step(device, n_pairs: int, width: int, opts: dict) -> int:
+    """Host syncs in the second optimizer step (the first initialises state and the eigenbasis's SVD) of
+    2 * n_pairs + 1 matrices (two shapes and a conv kernel) plus biases, basis "auto"."""
+    torch.manual_seed(0)
+    layers: list = [torch.nn.Conv2d(4, 8, 3)]
+    for _ in range(n_pairs):
+        layers += [torch.nn.Linear(width, 2 * width), torch.nn.Linear(2 * width, width)]
+    model = torch.nn.ModuleList(layers).to(device)
+    opt = SpectralNewton(model.parameters(), lr=0.01, **opts)
+    for i in range(2):
+        g = torch.Generator(device=device).manual_seed(i)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g, device=device)
+        if i == 0:
+            opt.step()
+    if device.type != "cuda":
+        with _TensorReads() as reads:
+            opt.step()
+        return reads.count
+    import warnings
+
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")  # every CUDA call that waits for the device warns
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def stage_syncs(device, quick: bool) -> dict:
+    """Host syncs in one optimizer step, for 5 and 17 matrices per auto basis: on CUDA every call that waits
+    for the device (torch.cuda.set_sync_debug_mode), on CPU the tensor -> Python reads. The engine's bound: 1
+    per step, whatever the number of matrices (tests/test_step_syncs.py counts the same on CPU)."""
+    width = 32 if quick else 768
+    rows = [
+        dict(
+            basis=name,
+            width=width,
+            syncs={str(2 * n + 1): _syncs_in_a_step(device, n, width, opts) for n in (2, 8)},
+        )
+        for name, opts in SYNC_CASES
+    ]
+    how = "torch.cuda.set_sync_debug_mode warnings" if device.type == "cuda" else "tensor -> Python reads"
+    return {"rows": rows, "counted": how}
+
+
 def stage_accuracy(device, quick: bool) -> dict:
     shapes = [(96, 64)] if quick else [(768, 768), (3072, 768), (768, 2304)]
     return basis_accuracy.run(device, shapes, drift_shape=(96, 48) if quick else (512, 256))
@@ -171,6 +243,19 @@ def to_markdown(res: dict) -> str:
         + ", ".join(f"{k} {v}" for k, v in res["stage_status"].items())
     )
     lines.append("")
+    sy = res.get("syncs")
+    if sy:
+        sizes = list(sy["rows"][0]["syncs"])
+        lines += [
+            f"**Host syncs in one optimizer step** ({sy['counted']}; Linear pairs of width {sy['rows'][0]['width']})",
+            "",
+            "| basis | " + " | ".join(f"{k} matrices" for k in sizes) + " |",
+            "|---|" + "---|" * len(sizes),
+        ]
+        lines += [
+            f"| {r['basis']} | " + " | ".join(str(r["syncs"][k]) for k in sizes) + " |" for r in sy["rows"]
+        ]
+        lines.append("")
     sc = res.get("step_cost")
     if sc:
         for model, tables in sc.items():
@@ -211,7 +296,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--train_steps", type=int, default=300)
     ap.add_argument("--train_tokens", type=int, default=16384)
     ap.add_argument(
-        "--stages", nargs="*", default=["step_cost", "accuracy", "jacobi_cost", "training", "real_accuracy"]
+        "--stages",
+        nargs="*",
+        default=["syncs", "step_cost", "accuracy", "jacobi_cost", "training", "real_accuracy"],
     )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "gpu" / "results"))
     a = ap.parse_args(argv)
@@ -229,6 +316,7 @@ def main(argv=None) -> dict:
         stage_status={},
     )
     stages = {
+        "syncs": lambda: stage_syncs(device, a.quick),
         "step_cost": lambda: stage_step_cost(device, a.quick),
         "accuracy": lambda: stage_accuracy(device, a.quick),
         "training": lambda: stage_training(device, a.quick, a.train_steps, a.train_tokens),
