@@ -271,12 +271,19 @@ def _by_step(records, key) -> dict:
 @pytest.mark.parametrize("name", ["gpt_ddp_fault", "vit_zero2_fault"])
 def test_a_nan_batch_is_skipped_and_training_goes_on(runs, name):
     """One micro-batch with a NaN loss at step 3, on the last process only: the gradient is NaN on every
-    process after the reduction, SpectralNewton skips step 3 everywhere (the weights, so the validation
-    loss, stay those of step 2), the loss window leaves the batch out and the run counts it, and training
-    goes on to step 5 with finite losses and moving weights."""
+    process after the reduction, step 3 is skipped everywhere (by SpectralNewton under DDP, by DeepSpeed's
+    overflow check under ZeRO; the weights, so the validation loss, stay those of step 2), the loss window
+    leaves the batch out and the run counts it, and training goes on to step 5 with finite losses and moving
+    weights."""
     out = _ok(runs, name)
     recs = _records(out)
     assert _by_step(recs, "train/nonfinite_batches") == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1}
+    # the optimizer's own counter, read through accelerate's (and DeepSpeed's) wrappers: under DDP every
+    # parameter skipped step 3 once; under ZeRO DeepSpeed's own overflow check skips the step before the
+    # optimizer sees the gradient (also in fp32), so the optimizer's counter stays 0
+    skipped = 0 if "zero" in name else 1
+    assert _by_step(recs, "optim/skipped_steps") == {1: 0, 2: 0, 3: skipped, 4: skipped, 5: skipped}
+    assert set(_by_step(recs, "optim/fallbacks").values()) == {0}
     loss = _by_step(recs, "train/loss")
     assert sorted(loss) == [1, 2, 3, 4, 5] and all(np.isfinite(v) for v in loss.values()), loss
     val = _by_step(recs, "val/loss")
@@ -298,6 +305,7 @@ def test_a_nan_batch_under_adamw_stops_with_advice(runs):
     assert "--optimizer adamw does not skip a non-finite gradient" in log and "spectral_newton" in log
     recs = _records(out)
     assert _by_step(recs, "train/nonfinite_batches") == {1: 0, 2: 0, 3: 1}
+    assert not _by_step(recs, "optim/skipped_steps")  # torch AdamW keeps no such counter
     assert all(np.isfinite(v) for v in _by_step(recs, "train/loss").values())
 
 

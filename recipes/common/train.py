@@ -277,6 +277,37 @@ def _nonfinite_message(cfg, step: int, n_bad: int, n_total: int) -> str:
     )
 
 
+def spectral_newton_of(optimizer):
+    """The SpectralNewton inside accelerate's and DeepSpeed's wrappers (each keeps the one it wraps in
+    ``.optimizer``), or None for other optimizers."""
+    from spectral_dist import SpectralNewton
+
+    o = optimizer
+    for _ in range(6):
+        if isinstance(o, SpectralNewton):
+            return o
+        o = getattr(o, "optimizer", None)
+        if o is None:
+            return None
+    return None
+
+
+def optimizer_counters(opt) -> dict:
+    """``optim/*`` metrics from ``SpectralNewton.stats()`` (host counters, identical on every process, kept in
+    its state across resumes): steps skipped for a non-finite gradient (the most any parameter skipped: a NaN
+    batch skips every parameter at once), float64 retries, decomposition failures and fallbacks to the
+    previous basis (summed over the matrices)."""
+    stats = list(opt.stats().values())
+    if not stats:
+        return {}
+    return {
+        "optim/skipped_steps": max(s["skipped"] for s in stats),
+        "optim/retries": sum(s["retries"] for s in stats),
+        "optim/decomposition_failures": sum(s["decomposition_failures"] for s in stats),
+        "optim/fallbacks": sum(s["fallbacks"] for s in stats),
+    }
+
+
 def _save(accelerator, cfg, state: TrainState, logger=None):
     path = Path(cfg.output_dir, "checkpoints", f"step_{state.step}")
     if logger is not None:  # make every row logged so far durable, and remember the finished W&B segments
@@ -309,6 +340,7 @@ def train(cfg, task: Task) -> dict:
     else:
         model, optimizer = accelerator.prepare(model, build_optimizer(cfg, model))
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    spectral = spectral_newton_of(optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
     diagnostics = RecipeDiagnostics(cfg, accelerator, model, task, matrices)  # registers checkpointed state
@@ -419,6 +451,8 @@ def train(cfg, task: Task) -> dict:
             }
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
+            if spectral is not None:
+                metrics.update(optimizer_counters(spectral))
             if logger is not None:
                 logger.log(metrics, step=state.step)
             if progress is not None:
