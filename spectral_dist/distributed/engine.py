@@ -387,7 +387,7 @@ class OwnerEngine:
             )
         return out
 
-    def _scatter(self, opt, mats, results, dtype, keys=None) -> dict:
+    def _scatter(self, opt, mats, results, dtype) -> dict:
         """Every rank gets, for each matrix of ``mats``, its owner's header, its pieces of the direction and,
         for stateful bases, the new basis. A deferred result's header says ``REDO`` where its finite flag is
         False (built on the device: nothing is read here)."""
