@@ -175,6 +175,27 @@ def _plan_hash_check(opt) -> dict:
     return out
 
 
+def _step_reads(opt, run) -> list[int]:
+    """Tensor -> Python reads inside each call of ``opt.step`` while ``run()`` trains (DeepSpeed's own reads,
+    such as its overflow check, are outside the optimizer's step and not counted)."""
+    from test_step_syncs import _HostReads
+
+    real, counts = opt.step, []
+
+    def step(closure=None):
+        with _HostReads() as reads:
+            out = real(closure)
+        counts.append(reads.count)
+        return out
+
+    opt.step = step
+    try:
+        run()
+    finally:
+        opt.step = real
+    return counts
+
+
 def worker(out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -188,7 +209,8 @@ def worker(out_dir: str) -> None:
         first = _full_params(engine)
         _train(engine, [0], rank)
         after1 = _full_params(engine)
-        _train(engine, range(1, SAVE_AT), rank)
+        reads = _step_reads(engine.basic_optimizer, lambda e=engine: _train(e, [1], rank))
+        _train(engine, range(2, SAVE_AT), rank)
         engine.save_checkpoint(ckpt, tag=f"stage{stage}")
         _train(engine, range(SAVE_AT, STEPS), rank)
         final = _full_params(engine)
@@ -201,9 +223,12 @@ def worker(out_dir: str) -> None:
         resumed = _full_params(engine)
         out[f"plan_check{stage}"] = _plan_hash_check(engine.basic_optimizer)
         engine.destroy()
-        all_stats = [None] * WORLD
+        all_stats, all_reads = [None] * WORLD, [None] * WORLD
         dist.all_gather_object(all_stats, stats)
-        out[f"stage{stage}"] = dict(first=first, after1=after1, final=final, resumed=resumed, stats=all_stats)
+        dist.all_gather_object(all_reads, reads)
+        out[f"stage{stage}"] = dict(
+            first=first, after1=after1, final=final, resumed=resumed, stats=all_stats, reads=all_reads
+        )
     for stage in (1, 2, 3):  # non-finite gradients inside the partitions: decided by all ranks together
         engine, *_ = initialize(model=make_model(0), config=ds_config(stage))
         _poison_partitions(engine.basic_optimizer, rank)
@@ -365,6 +390,15 @@ def test_checkpoint_plan_hash_current_or_legacy(results, stage):
     assert got["legacy_is_shape_plan"] and got["current"] is None and got["legacy"] is None, got
     assert got["costs_by_method"], got
     assert got["other"] is not None and "another ZeRO layout" in got["other"], got
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_one_host_read_per_optimizer_step(results, stage):
+    """Issue 16 through DeepSpeed's engine.step(): ZeroSpectralNewton's step reads the device once on every
+    rank (the agreement table and all headers together; tests/test_step_syncs_dist.py for DDP and FSDP2)."""
+    reads = results[f"stage{stage}"]["reads"]
+    assert all(r and all(c == 1 for c in r) for r in reads), (stage, reads)
 
 
 @pytest.mark.slow
