@@ -7,8 +7,8 @@ over both ranks in sequences of ``--seq``). Per step, the wall time of ``engine.
 spectral_newton the gather to owners, the directions, the scatter and the partition update) and of the whole
 iteration (forward, backward, step) are taken as the max over ranks; the table reports medians over the
 measured steps and the ratio to AdamW. "Matrix math" is the time in
-:func:`spectral_dist.optim.matrix_step.owner_directions_deferred` on the busiest owner (batched directions and scale):
-the rest of the spectral step is momentum, the exchange and the partition update.
+:func:`spectral_dist.optim.matrix_step.owner_directions_deferred` on the busiest owner (batched directions and
+scale): the rest of the spectral step is momentum, the exchange and the partition update.
 
 Usage: ``python benchmarks/deepspeed_overhead.py [--model gpt2 --depth 2 --tokens 4096 --stages 2]``.
 """

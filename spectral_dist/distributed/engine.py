@@ -298,12 +298,7 @@ class OwnerEngine:
         self._absent = (self._absent - {s.key for s in slots}) | {
             s.key for s, d in zip(slots, decisions) if s.kind == "matrix" and d == "none"
         }
-        errors: list[BaseException] = []
-        for s, d in zip(slots, decisions):
-            if d == "skip":
-                err = opt.note_skip(s.meta(), s.key)
-                if err is not None:
-                    errors.append(err)
+        errors = _skip_errors(opt, [s for s, d in zip(slots, decisions) if d == "skip"])
         stepped = {s.key for s, d in zip(slots, decisions) if d == "step" and s.kind == "matrix"}
         redo = [k for k in keys if k in stepped and headers[k][0] == ms.REDO]
         if redo:  # a batch's finite flag was False: its owner redoes those matrices alone (rare: more syncs)
@@ -435,9 +430,7 @@ class OwnerEngine:
         results.update(mine)
         got = self._scatter(opt, mats, mine, dtype)
         keys = [s.key for s in mats]
-        dev = next((got[k][0].device for k in keys if got[k][0].device.type != "cpu"), torch.device("cpu"))
-        vals = torch.stack([got[k][0].reshape(-1).to(dev, dtype) for k in keys]).tolist()
-        headers.update(zip(keys, vals))
+        headers.update(zip(keys, _read_headers(got, keys, dtype)))
         return got
 
     def _step_read_first(self, opt) -> None:
@@ -445,14 +438,9 @@ class OwnerEngine:
         needs no exchange of its own and may read more)."""
         slots, grads = self._begin(opt)
         decisions = self._agree(slots, grads)
-        errors: list[BaseException] = []
+        errors = _skip_errors(opt, [s for s, d in zip(slots, decisions) if d == "skip"])
         mats = [s for s, d in zip(slots, decisions) if d == "step" and s.kind == "matrix"]
         vecs = [(s, g) for s, g, d in zip(slots, grads, decisions) if d == "step" and s.kind == "vector"]
-        for s, d in zip(slots, decisions):
-            if d == "skip":
-                err = opt.note_skip(s.meta(), s.key)
-                if err is not None:
-                    errors.append(err)
         grad_of = {s.key: g for s, g in zip(slots, grads)}
         if mats:
             errors.extend(self._matrix_step(opt, mats, grad_of))
@@ -511,11 +499,8 @@ class OwnerEngine:
         got = self._scatter(opt, slots, results, dtype)
         if self.local:  # one process: the headers are this process's own results, no copy needed
             headers = [[r.status, r.retries, r.refreshes] for r in (results[k] for k in keys)]
-        elif keys:  # a host sync: every header at once (headers from other ranks are on the communication
-            # device; stacking them there first keeps it to one device-to-host copy, not one per matrix)
-            hs = [got[k][0].reshape(-1) for k in keys]
-            dev = next((h.device for h in hs if h.device.type != "cpu"), torch.device("cpu"))
-            headers = torch.stack([h.to(dev, dtype) for h in hs]).tolist()
+        elif keys:
+            headers = _read_headers(got, keys, dtype)
         else:
             headers = []
         errors, updates = [], []
@@ -538,6 +523,21 @@ class OwnerEngine:
                 errors.append(err)
         opt.apply_matrix_updates(updates)  # foreach, grouped by param group
         return errors
+
+
+def _skip_errors(opt, slots) -> list[BaseException]:
+    """Count a skipped step for each slot; the errors to raise on every rank (too many skips in a row)."""
+    errors = [opt.note_skip(s.meta(), s.key) for s in slots]
+    return [e for e in errors if e is not None]
+
+
+def _read_headers(got: dict, keys: list[str], dtype: torch.dtype) -> list[list[float]]:
+    """The headers of ``keys`` from a scatter's result, in one host sync: headers from other ranks are on the
+    communication device, and stacking them there first keeps it to one device-to-host copy, not one per
+    matrix."""
+    hs = [got[k][0].reshape(-1) for k in keys]
+    dev = next((h.device for h in hs if h.device.type != "cpu"), torch.device("cpu"))
+    return torch.stack([h.to(dev, dtype) for h in hs]).tolist()
 
 
 def _sendable(r: ms.DirectionResult) -> torch.Tensor | None:
@@ -577,12 +577,7 @@ class LocalEngine(OwnerEngine):
         else:
             values = bad.tolist() if live else []
         skip = {slots[i].key for i, v in zip(live, values) if v}
-        errors: list[BaseException] = []
-        for i in live:
-            if slots[i].key in skip:
-                err = opt.note_skip(slots[i].meta(), slots[i].key)
-                if err is not None:
-                    errors.append(err)
+        errors = _skip_errors(opt, [slots[i] for i in live if slots[i].key in skip])
         updates: list = []
         for s in mats:
             if s.key in skip:

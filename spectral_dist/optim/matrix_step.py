@@ -159,9 +159,8 @@ class DirectionResult:
     basis: torch.Tensor | None = None  # new tracked basis (n x r) when status is OK
     error: str = ""
     exc: BaseException | None = field(default=None, repr=False)
-    ok: torch.Tensor | None = field(
-        default=None, repr=False
-    )  # deferred finite flag (owner_directions_deferred)
+    # the deferred finite flag (owner_directions_deferred): status OK holds only where it is True
+    ok: torch.Tensor | None = field(default=None, repr=False)
 
 
 def scale_directions(D: torch.Tensor, group: Mapping) -> torch.Tensor:
