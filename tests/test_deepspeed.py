@@ -178,12 +178,12 @@ def _plan_hash_check(opt) -> dict:
 def _step_reads(opt, run) -> list[int]:
     """Tensor -> Python reads inside each call of ``opt.step`` while ``run()`` trains (DeepSpeed's own reads,
     such as its overflow check, are outside the optimizer's step and not counted)."""
-    from test_step_syncs import _HostReads
+    from spectral_dist.host_reads import HostReads
 
     real, counts = opt.step, []
 
     def step(closure=None):
-        with _HostReads() as reads:
+        with HostReads() as reads:
             out = real(closure)
         counts.append(reads.count)
         return out

@@ -8,30 +8,14 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 
 from spectral_dist import SpectralNewton
+from spectral_dist.host_reads import HostReads
 from spectral_dist.spectral import auto_method, polar_express, spectral_direction
 from spectral_dist.spectral.direction import POLAR_EXPRESS_COEFFICIENTS
 
 SYNC_EVENTS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero")
-
-
-class _HostReads(TorchFunctionMode):
-    """Counts tensor -> Python reads (``tolist``, ``item``, ``bool``...): on CPU the profiler sees no event for
-    ``tolist`` but on a GPU it is a device-to-host copy that waits for the stream."""
-
-    NAMES = ("tolist", "item", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.NAMES:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _model(n_pairs: int) -> nn.Module:
@@ -43,15 +27,17 @@ def _model(n_pairs: int) -> nn.Module:
     return nn.ModuleList(layers)
 
 
-def _syncs(model, **opts) -> tuple[int, int]:
-    """(profiler sync events, host reads) in the second optimizer step."""
+def _syncs(model, engine: str | None = None, **opts) -> tuple[int, int]:
+    """(profiler sync events, host reads) in the second optimizer step; ``engine``: the engine class the step
+    must run on (tests/test_step_syncs_dist.py: the process-group one)."""
     opt = SpectralNewton(model.parameters(), lr=0.01, **opts)
     for _ in range(2):
         for p in model.parameters():
             p.grad = torch.randn_like(p)
         if _ == 0:
             opt.step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof, _HostReads() as reads:
+    assert engine is None or type(opt._get_engine()).__name__ == engine
+    with profile(activities=[ProfilerActivity.CPU]) as prof, HostReads() as reads:
         opt.step()
     events = sum(e.name in SYNC_EVENTS for e in prof.events())
     return events, reads.count

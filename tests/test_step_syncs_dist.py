@@ -11,48 +11,18 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_helpers import run_workers
+from test_step_syncs import SYNC_EVENTS, _model, _syncs
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from spectral_dist import SpectralNewton
+from spectral_dist.host_reads import HostReads
 from spectral_dist.optim import matrix_step as ms
 
-SYNC_EVENTS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero")
 COUNT_OPTS = {
     "polar_express": dict(alpha=1.0),
     "cholesky": dict(alpha=2.0),
     "eigenbasis": dict(alpha=0.5),
 }
-
-
-def _host_reads():
-    from test_step_syncs import _HostReads  # the same counter as the one-process test
-
-    return _HostReads()
-
-
-def _stack(n_pairs: int) -> nn.Module:
-    """2 * n_pairs Linear layers in two shapes plus a conv (3 shape groups) and biases."""
-    torch.manual_seed(0)
-    layers: list[nn.Module] = [nn.Conv2d(2, 4, 3)]
-    for _ in range(n_pairs):
-        layers += [nn.Linear(32, 48), nn.Linear(48, 32)]
-    return nn.ModuleList(layers)
-
-
-def _count(model, **opts) -> tuple[int, int]:
-    """(profiler sync events, host reads) in the second step; the same gradients on every rank."""
-    opt = SpectralNewton(model.parameters(), lr=0.01, **opts)
-    for i in range(2):
-        g = torch.Generator().manual_seed(i)
-        for p in model.parameters():
-            p.grad = torch.randn(p.shape, generator=g)
-        if i == 0:
-            opt.step()
-    assert type(opt._get_engine()).__name__ == "OwnerEngine"
-    with profile(activities=[ProfilerActivity.CPU]) as prof, _host_reads() as reads:
-        opt.step()
-    return sum(e.name in SYNC_EVENTS for e in prof.events()), reads.count
 
 
 # ------------------------------------------------------------------ the rare paths, against one process
@@ -143,7 +113,7 @@ def _count_fsdp2(rank, world) -> tuple[int, int]:
         ).backward()
         if t == 0:
             opt.step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof, _host_reads() as reads:
+    with profile(activities=[ProfilerActivity.CPU]) as prof, HostReads() as reads:
         opt.step()
     return sum(e.name in SYNC_EVENTS for e in prof.events()), reads.count
 
@@ -151,7 +121,8 @@ def _count_fsdp2(rank, world) -> tuple[int, int]:
 def sync_worker(rank, world) -> dict:
     out: dict = {"counts": {}, "rare": {}}
     for name, opts in COUNT_OPTS.items():
-        out["counts"][name] = [_count(_stack(n), **opts) for n in (2, 8)]  # 5 against 17 matrices
+        # 5 against 17 matrices, the same gradients on every rank (the model's seed fixes the draws)
+        out["counts"][name] = [_syncs(_model(n), engine="OwnerEngine", **opts) for n in (2, 8)]
     out["fsdp2"] = _count_fsdp2(rank, world)
     for name, opts in {
         "auto_by_layer": dict(from_model=True, basis="auto"),

@@ -26,6 +26,7 @@ import basis_accuracy  # noqa: E402
 import step_cost  # noqa: E402
 
 from spectral_dist import models  # noqa: E402
+from spectral_dist.host_reads import HostReads  # noqa: E402
 from spectral_dist.optim import SpectralNewton  # noqa: E402
 
 TRAIN_OPTIMIZERS = ("adamw", "muon", "sn")
@@ -77,21 +78,6 @@ SYNC_CASES = (
 )
 
 
-class _TensorReads(torch.overrides.TorchFunctionMode):
-    """Counts tensor -> Python reads (tolist, item, bool...): the CPU stand-in for CUDA's sync debug mode."""
-
-    NAMES = ("tolist", "item", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.NAMES:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _syncs_in_a_step(device, n_pairs: int, width: int, opts: dict) -> int:
     """Host syncs in the second optimizer step (the first initialises state and the eigenbasis's SVD) of
     2 * n_pairs + 1 matrices (two shapes and a conv kernel) plus biases, basis "auto"."""
@@ -108,7 +94,7 @@ def _syncs_in_a_step(device, n_pairs: int, width: int, opts: dict) -> int:
         if i == 0:
             opt.step()
     if device.type != "cuda":
-        with _TensorReads() as reads:
+        with HostReads() as reads:
             opt.step()
         return reads.count
     import warnings
