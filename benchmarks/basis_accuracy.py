@@ -209,10 +209,10 @@ def record_inputs(steps: int = 60, d: int = 256, layers: int = 2, seq: int = 128
     # every engine's owner computes through owner_directions_and_read (owner_directions calls it too)
     real = ms.owner_directions_and_read
 
-    def spy(jobs, extra=None):
+    def spy(jobs, *args, **kwargs):
         for j in jobs:
             rec.setdefault(j.key, (j.alpha, []))[1].append(j.M.detach().to("cpu", torch.float64).clone())
-        return real(jobs, extra)
+        return real(jobs, *args, **kwargs)
 
     ms.owner_directions_and_read = spy
     try:

@@ -159,6 +159,7 @@ def test_documented_defaults():
         ns_steps=5,
         max_consecutive_skips=10,
         master_weights=True,
+        max_batch_mb=256,
         distributed="auto",
         engine=None,
     )
@@ -168,6 +169,8 @@ def test_documented_defaults():
     for k, v in want.items():
         if k in ("max_consecutive_skips", "master_weights"):
             assert getattr(opt, k) == v
+        elif k == "max_batch_mb":
+            assert opt.max_batch_bytes == v * 2**20
         elif k in ("distributed", "engine"):
             assert getattr(opt, "_" + k) == v
         else:

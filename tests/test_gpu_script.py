@@ -38,6 +38,9 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert all(v.startswith("ok") for v in res["stage_status"].values()), res["stage_status"]
     syncs = {r["basis"]: r["syncs"] for r in res["syncs"]["rows"]}
     assert len(syncs) == 4 and all(s == {"5": 1, "17": 1} for s in syncs.values()), syncs  # one read per step
+    mem = {(r["optimizer"], r["cap"]): r["peak_mib"] for r in res["memory"]["rows"]}
+    assert set(mem) == {("adamw", None), ("sn_alpha1.65", None), ("sn_alpha1.65", 1.0)}, mem
+    assert mem[("sn_alpha1.65", 1.0)] < 0.7 * mem[("sn_alpha1.65", None)], mem  # capped batches: less memory
     assert {"gpt2", "vit"} <= set(res["step_cost"])
     assert {"adamw", "muon", "sn_alpha1"} <= set(res["step_cost"]["gpt2"]["optimizer_step"])
     methods = {row["method"] for row in res["accuracy"]["rows"]}
@@ -54,3 +57,4 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     text = md.read_text()
     assert "GPU checks (issue 16)" in text and "recorded inputs of a real run" in text
     assert "Cost of the Jacobi steps" in text and "Host syncs in one optimizer step" in text
+    assert "Transient memory of one optimizer step" in text

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import basis_accuracy  # noqa: E402
 import step_cost  # noqa: E402
+import step_memory  # noqa: E402
 
 from spectral_dist import models  # noqa: E402
 from spectral_dist.host_reads import HostReads  # noqa: E402
@@ -125,6 +126,19 @@ def stage_syncs(device, quick: bool) -> dict:
     ]
     how = "torch.cuda.set_sync_debug_mode warnings" if device.type == "cuda" else "tensor -> Python reads"
     return {"rows": rows, "counted": how}
+
+
+def stage_memory(device, quick: bool) -> dict:
+    """Transient memory of one optimizer step (benchmarks/step_memory.py): SpectralNewton per auto basis with
+    batches unbounded and capped (``max_batch_mb``) against AdamW (foreach) and the batched Muon. CUDA: 48
+    matrices of 1024^2 fp32 (192 MiB; the eigenbasis's first step is a batched SVD, slow on GPUs at larger sizes), the
+    allocator's peak; CPU dry run: the script's --quick."""
+    if device.type == "cuda":
+        argv = ["--device", str(device), "--matrices", "48", "--width", "1024", "--caps", "none", "32"]
+    else:
+        argv = ["--quick", "--only", "adamw", "sn_alpha1.65"]
+    r = step_memory.main(argv)
+    return {"rows": r["rows"], "params_mib": r["params_mib"], "markdown": r["markdown"]}
 
 
 def stage_accuracy(device, quick: bool) -> dict:
@@ -242,6 +256,9 @@ def to_markdown(res: dict) -> str:
             f"| {r['basis']} | " + " | ".join(str(r["syncs"][k]) for k in sizes) + " |" for r in sy["rows"]
         ]
         lines.append("")
+    mem = res.get("memory")
+    if mem:
+        lines += ["**Transient memory of one optimizer step**", "", mem["markdown"], ""]
     sc = res.get("step_cost")
     if sc:
         for model, tables in sc.items():
@@ -284,7 +301,7 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--stages",
         nargs="*",
-        default=["syncs", "step_cost", "accuracy", "jacobi_cost", "training", "real_accuracy"],
+        default=["syncs", "memory", "step_cost", "accuracy", "jacobi_cost", "training", "real_accuracy"],
     )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "gpu" / "results"))
     a = ap.parse_args(argv)
@@ -303,6 +320,7 @@ def main(argv=None) -> dict:
     )
     stages = {
         "syncs": lambda: stage_syncs(device, a.quick),
+        "memory": lambda: stage_memory(device, a.quick),
         "step_cost": lambda: stage_step_cost(device, a.quick),
         "accuracy": lambda: stage_accuracy(device, a.quick),
         "training": lambda: stage_training(device, a.quick, a.train_steps, a.train_tokens),

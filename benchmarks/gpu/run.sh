@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu/run.sh --device cpu --quick # the dry run a CPU test runs (seconds)
 #
 # Checks: (0) host syncs in one optimizer step (CUDA's sync debug mode; at most 1, for 5 and 17 matrices);
+# (0b) the step's transient memory (the allocator's peak) with batches unbounded and capped, against AdamW and Muon;
 # (1) step overhead at GPT-2-small and ViT-B/16 shapes (optimizer step; full step at 4k, 16k and 64k
 # tokens) against torch AdamW (foreach) and a batched Muon; (2) every basis against the CPU float64 SVD
 # reference (errors, FLOPs, ms per matrix); (3) the cost of the eigenbasis's Jacobi steps (jacobi_steps 0, 1,

@@ -484,9 +484,10 @@ class OwnerEngine:
                     opt.counters(meta)["consecutive_failures"],
                 )
             )
+        cap = opt.max_batch_bytes
         if deferred:
-            return ms.owner_directions_deferred(jobs), {j.key: j for j in jobs}
-        return ms.owner_directions_and_read(jobs, extra)
+            return ms.owner_directions_deferred(jobs, cap), {j.key: j for j in jobs}
+        return ms.owner_directions_and_read(jobs, extra, cap)
 
     def _matrix_step(self, opt, slots, grad_of) -> list[BaseException]:
         keys = [s.key for s in slots]

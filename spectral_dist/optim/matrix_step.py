@@ -5,6 +5,8 @@
   batch waits for the device: each returns a per-matrix "finite" flag, and the flags of all batches are read
   with one host sync per step; only a matrix whose flag is False (or whose batch raised) is redone alone with
   the float64 retry of :func:`~spectral_dist.spectral.spectral_direction`, so only it is affected.
+  A batch holds at most ``max_batch_bytes`` of inputs (:func:`batch_chunks`): its workspace is ~7 stacks of
+  its inputs, so an unbounded batch made the step's transient memory ~8x the matrices' size.
 * :func:`scale_directions`: the ``scale`` option (RMS target, Muon's spectral factor, none), without host syncs.
 
 Statuses an owner reports for each matrix (they travel to every rank in the exchange's header):
@@ -42,7 +44,9 @@ __all__ = [
     "SKIP",
     "DirectionJob",
     "DirectionResult",
+    "BATCH_MB",
     "basis_shape",
+    "batch_chunks",
     "method_cost",
     "method_flops",
     "method_of",
@@ -59,6 +63,29 @@ __all__ = [
 OK, SKIP, FALLBACK, RAISE, ERROR = 0, 1, 2, 3, 4
 REDO = 5  # in an exchange header only: a deferred batch's finite flag was False, the owner redoes the matrix
 MAX_DECOMPOSITION_FAILURES = 3
+# SpectralNewton's default ``max_batch_mb``: the most MiB of inputs stacked into one batched decomposition. Big
+# enough that the batches of GPT-2-small / ViT-B/16 shapes stay whole (48 x 768^2 fp32 is 108 MiB) and that a
+# batch of large matrices still fills a GPU (4 x 4096^2 fp32 is a 0.55 TFLOP bmm); small enough that the
+# batch's workspace (~7 stacks) stays under 2 GiB.
+BATCH_MB = 256
+
+
+def batch_chunks(jobs: list, max_bytes: int | None) -> list[list]:
+    """Split same-shape jobs into consecutive chunks of at most ``max_bytes`` of inputs each (at least one job
+    per chunk; None: one chunk), as equal in length as possible so no chunk is a small remainder."""
+    if max_bytes is None or len(jobs) <= 1:
+        return [jobs]
+    M = jobs[0].M
+    per = max(1, M.numel() * M.element_size())
+    n = len(jobs)
+    k = -(-n // max(1, int(max_bytes) // per))  # number of chunks
+    size, extra = divmod(n, k)
+    out, i = [], 0
+    for c in range(k):
+        j = i + size + (c < extra)
+        out.append(jobs[i:j])
+        i = j
+    return out
 
 
 def tracked_rank(shape, group: Mapping) -> int:
@@ -236,21 +263,24 @@ def _one(job: DirectionJob, method: str | None = None) -> DirectionResult:
     )
 
 
-def owner_directions(jobs: list[DirectionJob]) -> dict[str, DirectionResult]:
+def owner_directions(
+    jobs: list[DirectionJob], max_batch_bytes: int | None = None
+) -> dict[str, DirectionResult]:
     """Directions for the owner's matrices: batched per (shape, dtype, method and options) for the stateless
     methods, one by one for stateful bases (``tracked``, ``eigenbasis``: their state is per matrix). The
     batches' finite flags are read together, with one host sync for all of them; a failed matrix is redone
     alone (float64 retry). Never raises for a single matrix's failure: the status says what happened, and the
-    caller raises on every rank together."""
-    return owner_directions_and_read(jobs)[0]
+    caller raises on every rank together. ``max_batch_bytes``: the most bytes of inputs in one batch
+    (:func:`batch_chunks`; None: unbounded)."""
+    return owner_directions_and_read(jobs, max_batch_bytes=max_batch_bytes)[0]
 
 
 def owner_directions_and_read(
-    jobs: list[DirectionJob], extra: torch.Tensor | None = None
+    jobs: list[DirectionJob], extra: torch.Tensor | None = None, max_batch_bytes: int | None = None
 ) -> tuple[dict[str, DirectionResult], list]:
     """:func:`owner_directions`, and the values of ``extra`` (a 1-D tensor, e.g. the gradients' non-finite
     flags) read in the same host sync as the finite flags: one sync for both (one process: the whole step's)."""
-    out, pending = _launch(jobs)
+    out, pending = _launch(jobs, max_batch_bytes)
     n_extra = 0 if extra is None else extra.numel()
 
     def read_extra() -> list:  # alone: when there are no flags to read it with, or their read failed
@@ -282,14 +312,16 @@ def owner_directions_and_read(
     return out, extra_values
 
 
-def owner_directions_deferred(jobs: list[DirectionJob]) -> dict[str, DirectionResult]:
+def owner_directions_deferred(
+    jobs: list[DirectionJob], max_batch_bytes: int | None = None
+) -> dict[str, DirectionResult]:
     """:func:`owner_directions` without its host sync, for an engine that reads the flags later with others
     (over a process group: with the gradient agreement and every owner's headers, one read per step).
 
     A batched matrix's result has status ``OK`` and its finite flag in ``ok`` (a 0-d bool on the device, not
     read); where the flag turns out False the caller discards the direction and calls :func:`redo`. Results
     without ``ok`` (stateful ``tracked`` bases, batches that raised) are final, as in :func:`owner_directions`."""
-    out, pending = _launch(jobs)
+    out, pending = _launch(jobs, max_batch_bytes)
     for bjobs, Ds, ok, bases, refreshes in pending:
         for j, (job, D, f) in enumerate(zip(bjobs, Ds.unbind(0), ok.reshape(-1).unbind(0))):
             basis = None if bases is None else bases[j]
@@ -305,9 +337,12 @@ def redo(job: DirectionJob) -> DirectionResult:
         return DirectionResult(ERROR, error=f"{type(e).__name__}: {e}", exc=e)
 
 
-def _launch(jobs: list[DirectionJob]) -> tuple[dict[str, DirectionResult], list[tuple]]:
+def _launch(
+    jobs: list[DirectionJob], max_batch_bytes: int | None = None
+) -> tuple[dict[str, DirectionResult], list[tuple]]:
     """(final results, pending batches): every batch computed, nothing read. A pending batch is (jobs,
-    scaled directions, finite flags, new bases or None, refreshes)."""
+    scaled directions, finite flags, new bases or None, refreshes); batches are split by
+    :func:`batch_chunks`."""
     out: dict[str, DirectionResult] = {}
     batches: dict[tuple, list[DirectionJob]] = {}
     methods: dict[tuple, str] = {}
@@ -321,8 +356,13 @@ def _launch(jobs: list[DirectionJob]) -> tuple[dict[str, DirectionResult], list[
             key = _batch_key(job, method)
         batches.setdefault(key, []).append(job)
         methods[key] = method
+    chunks = [
+        (bkey, c)
+        for bkey, bjobs in batches.items()
+        for c in ([bjobs] if bkey[0] == "stateful" else batch_chunks(bjobs, max_batch_bytes))
+    ]
     pending: list[tuple] = []
-    for bkey, bjobs in batches.items():
+    for bkey, bjobs in chunks:
         method = methods[bkey]
         try:
             if bkey[0] == "stateful":

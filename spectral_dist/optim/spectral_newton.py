@@ -174,6 +174,9 @@ class SpectralNewton(torch.optim.Optimizer):
         master_weights: keep an fp32 master copy (4 bytes per element, in the state as ``master``) of bf16 /
             fp16 parameters and step that, so small updates are not rounded away. False adds the update in
             the parameter's dtype (at lr 1e-4 most bf16 entries then never change).
+        max_batch_mb: the most MiB of same-shape inputs stacked into one batched decomposition (256; None:
+            no limit). A batch's workspace is about 7 stacks of its inputs: unbounded, the step's transient
+            memory measured ~8x the size of the matrices (eigenbasis), bounded ~2x plus 7x this.
         distributed: ``"auto"``: one process, or owner-sharded over the default process group when one with
             more than one rank is initialised (decided at the first step; every rank must then call step());
             ``False``: this process alone (an EMA copy, an eval helper); a ``ProcessGroup``: that group.
@@ -209,6 +212,7 @@ class SpectralNewton(torch.optim.Optimizer):
         ns_steps: int = 5,
         max_consecutive_skips: int = 10,
         master_weights: bool = True,
+        max_batch_mb: float | None = ms.BATCH_MB,
         distributed="auto",
         engine=None,
     ):
@@ -244,6 +248,14 @@ class SpectralNewton(torch.optim.Optimizer):
             )
         if not isinstance(master_weights, bool):
             raise ValueError(f"master_weights must be True or False, got {master_weights!r}")
+        mb = max_batch_mb
+        if mb is not None and (
+            isinstance(mb, bool) or not isinstance(mb, (int, float)) or not math.isfinite(mb) or mb <= 0
+        ):
+            raise ValueError(
+                f"max_batch_mb must be a positive number of MiB or None (unbounded batches), got {mb!r}"
+            )
+        self.max_batch_bytes = None if mb is None else int(mb * 2**20)
         self.max_consecutive_skips = max_consecutive_skips
         self.master_weights = master_weights
         self._distributed = distributed
@@ -442,20 +454,28 @@ class SpectralNewton(torch.optim.Optimizer):
         the buffer itself, so the buffer stays bit for bit what it was (lerp(b, b, w) = b) and M = b is finite."""
         out: list = [None] * len(items)
         work: dict = {}
-        for i, (slot, g) in enumerate(items):
+        for i, (slot, grad) in enumerate(items):
             cd = compute_dtype(slot.local().dtype)
-            buf, g = slot.buffer("momentum_buffer", cd), g.to(cd)
+            buf, g = slot.buffer("momentum_buffer", cd), grad.to(cd)
             bad = None if nonfinite is None else nonfinite[i]
             if bad is not None:
                 g = torch.where(bad, buf, g)
-            work.setdefault((slot.gi, cd), []).append((i, buf, g))
+            # a copy of the gradient (cast or masked) is ours: Nesterov's M is formed in it, one allocation
+            # per matrix instead of two
+            work.setdefault((slot.gi, cd), []).append((i, buf, g, g is not grad))
         for (gi, _), its in work.items():
             group = self.param_groups[gi]
             mom = group["momentum"]
-            bufs, gs = [b for _, b, _ in its], [g for _, _, g in its]
+            bufs, gs = [b for _, b, _, _ in its], [g for _, _, g, _ in its]
             torch._foreach_lerp_(bufs, gs, 1.0 - mom)
-            Ms = torch._foreach_lerp(gs, bufs, mom) if group["nesterov"] else bufs
-            for (i, _, _), M in zip(its, Ms):
+            if not group["nesterov"]:
+                Ms = bufs
+            elif all(own for *_, own in its):
+                torch._foreach_lerp_(gs, bufs, mom)
+                Ms = gs
+            else:
+                Ms = torch._foreach_lerp(gs, bufs, mom)
+            for (i, *_), M in zip(its, Ms):
                 out[i] = M
         return out
 
