@@ -411,6 +411,39 @@ def test_resume_is_exact(runs, tmp_path):
 
 
 @pytest.mark.slow
+def test_resume_after_a_skipped_step_is_exact_with_its_counters(runs, tmp_path):
+    """Resume the 2-process DDP run with the NaN micro-batch (multi_gpu.yaml, bf16, gradient accumulation) from
+    its step-4 checkpoint, after the skipped step 3: step 5 matches the uninterrupted run exactly, and the
+    counters of the skip (the optimizer's, the recipe's, the trajectory monitor's) come back from the
+    checkpoint instead of restarting at 0."""
+    src = _ok(runs, "gpt_ddp_fault")
+    out = tmp_path / "gpt_ddp_fault_resumed"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / "step_4", out / "checkpoints" / "step_4")
+    extra = [*FAULT, "--grad_accum", "2", "--batch_size", "4", "--resume", "latest"]
+    proc, log = _launch(TWO, "gpt_lm", out, extra)
+    try:
+        rc = proc.wait(timeout=TIMEOUT)
+    finally:
+        log.close()
+    text = (out.parent / f"{out.name}.log").read_text()
+    assert rc == 0 and "resumed from" in text, text[-5000:]
+    a, b = _records(src), _records(out)
+    keys = (
+        "train/loss",
+        "val/loss",
+        "optim/skipped_steps",
+        "train/nonfinite_batches",
+        "traj/global/skipped_nonfinite",
+    )
+    for key in keys:
+        va = [r[key] for r in a if r.get("step") == 5 and key in r]
+        vb = [r[key] for r in b if r.get("step") == 5 and key in r]
+        assert va and va == vb, (key, va, vb)
+    assert _by_step(b, "optim/skipped_steps") == {5: 1} and _by_step(b, "train/nonfinite_batches") == {5: 1}
+
+
+@pytest.mark.slow
 def test_report_from_two_runs(runs, tmp_path):
     import pandas as pd
 
