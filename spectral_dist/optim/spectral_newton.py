@@ -175,8 +175,9 @@ class SpectralNewton(torch.optim.Optimizer):
             fp16 parameters and step that, so small updates are not rounded away. False adds the update in
             the parameter's dtype (at lr 1e-4 most bf16 entries then never change).
         max_batch_mb: the most MiB of same-shape inputs stacked into one batched decomposition (256; None:
-            no limit). A batch's workspace is about 7 stacks of its inputs: unbounded, the step's transient
-            memory measured ~8x the size of the matrices (eigenbasis), bounded ~2x plus 7x this.
+            no limit). A batch's workspace is about 7 stacks of its inputs: unbounded, one step's transient
+            memory measured 6-8x the size of the matrices; in batches of 1/8 of them, 2.6-3.6x
+            (benchmarks/step_memory.py). Results do not depend on it beyond float32 rounding.
         distributed: ``"auto"``: one process, or owner-sharded over the default process group when one with
             more than one rank is initialised (decided at the first step; every rank must then call step());
             ``False``: this process alone (an EMA copy, an eval helper); a ``ProcessGroup``: that group.
