@@ -31,7 +31,8 @@ from ..spectral import (
     eigenbasis_batched,
     spectral_direction,
 )
-from ..spectral.direction import auto_matmul_dtype
+from ..spectral.direction import auto_eigenbasis_qr, auto_matmul_dtype
+from ..spectral.precision import with_exact_matmuls
 from ..spectral.transform import inverse_transform, rank_floor
 
 __all__ = [
@@ -329,6 +330,7 @@ def owner_directions_deferred(
     return out
 
 
+@with_exact_matmuls
 def redo(job: DirectionJob) -> DirectionResult:
     """A matrix whose batched result was not finite, alone, with the float64 retry and the fallback rules."""
     try:
@@ -337,6 +339,7 @@ def redo(job: DirectionJob) -> DirectionResult:
         return DirectionResult(ERROR, error=f"{type(e).__name__}: {e}", exc=e)
 
 
+@with_exact_matmuls  # the caller's TF32 / autocast settings do not reach the owner's math
 def _launch(
     jobs: list[DirectionJob], max_batch_bytes: int | None = None
 ) -> tuple[dict[str, DirectionResult], list[tuple]]:
@@ -415,7 +418,7 @@ def _eigenbasis_batch(bjobs: list[DirectionJob], bkey: tuple):
     step, init = bkey[-5], bkey[-4]
     X = torch.stack([j.M for j in bjobs])
     Q = None if init else torch.stack([j.tracked["basis"].to(X.device) for j in bjobs])
-    qr = "cholesky" if X.device.type == "cuda" else "householder"  # reasons: eigenbasis_batched
+    qr = auto_eigenbasis_qr(X.device)  # reasons: eigenbasis_batched
     D, Qn, ok = eigenbasis_batched(
         X,
         first.alpha,

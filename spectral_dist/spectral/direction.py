@@ -43,6 +43,7 @@ __all__ = [
     "POLAR_EXPRESS_COEFFICIENTS",
     "STATEFUL",
     "DecompositionError",
+    "auto_eigenbasis_qr",
     "auto_matmul_dtype",
     "auto_method",
     "cholesky_direction",
@@ -470,6 +471,27 @@ def eigenbasis_direction(
 
 
 EIGENBASIS_QR = ("householder", "cholesky")
+# ``SPECTRAL_DIST_EIGENBASIS_QR``: unset or "auto" (the QR by device, :func:`auto_eigenbasis_qr`),
+# "householder" or "cholesky" on any device.
+EIGENBASIS_QR_ENV = "SPECTRAL_DIST_EIGENBASIS_QR"
+
+
+def auto_eigenbasis_qr(device) -> str:
+    """The QR of the optimizer's batched eigenbasis power step on ``device`` (:func:`eigenbasis_batched`'s
+    ``qr``): ``"cholesky"`` on CUDA, ``"householder"`` elsewhere (reasons there).
+
+    ``SPECTRAL_DIST_EIGENBASIS_QR=householder`` or ``=cholesky`` picks one on any device: Householder's smaller
+    drift error on a GPU, or the GPU's path on a CPU, where the tests run the optimizer through it (its
+    CholeskyQR, its failure flags and the owner's Householder redo, over a process group too)."""
+    forced = os.environ.get(EIGENBASIS_QR_ENV, "").strip()
+    if forced in EIGENBASIS_QR:
+        return forced
+    if forced not in ("", "auto"):
+        raise ValueError(
+            f"{EIGENBASIS_QR_ENV} must be unset or auto (Cholesky QR on CUDA, Householder elsewhere), householder "
+            f"or cholesky, got {forced!r}"
+        )
+    return "cholesky" if torch.device(device).type == "cuda" else "householder"
 
 
 def eigenbasis_batched(
