@@ -16,6 +16,7 @@ drifting sequence (singular vectors rotating by ~0.05 rad per step, momentum-lik
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from spectral_dist.optim.matrix_step import method_flops  # noqa: E402
 from spectral_dist.spectral import spectral_direction  # noqa: E402
-from spectral_dist.spectral.direction import direction_unchecked  # noqa: E402
+from spectral_dist.spectral.direction import EIGENBASIS_QR, direction_unchecked  # noqa: E402
 
 # (name, alpha, method, kwargs for direction_unchecked)
 CASES = [
@@ -116,8 +117,8 @@ def eigenbasis_drift(m, n, alpha, device, steps=12, angle=0.05, seed=0):
 
 
 def eigenbasis_qr(device, shapes, alpha=1.65, steps=12, angle=0.05, batch=2, seed=0) -> list[dict]:
-    """The two QRs of the batched eigenbasis (``householder``: CPU default, ``cholesky``: CUDA default) on one
-    device: ms per matrix of one refresh step and the top error along the drifting sequence of
+    """The QRs of the batched eigenbasis (``householder``: CPU default; ``cholesky_fp64``: CUDA with fast float64;
+    ``cholesky``: other CUDA devices) on one device: ms per matrix of one refresh step and the top error along the drifting sequence of
     :func:`eigenbasis_drift` (1/k spectrum), batch of ``batch`` same-shape matrices."""
     from spectral_dist.spectral import eigenbasis_batched
 
@@ -136,7 +137,7 @@ def eigenbasis_qr(device, shapes, alpha=1.65, steps=12, angle=0.05, batch=2, see
                 (U * s) @ V.mT
                 + 1e-3 * torch.randn(batch, m, n, generator=g, dtype=torch.float64) / math.sqrt(n)
             )
-        for qr in ("householder", "cholesky"):
+        for qr in EIGENBASIS_QR:
             Q, errs, fails = None, [], 0
             for step, G in enumerate(seq):
                 D, Q, ok = eigenbasis_batched(G.to(device, torch.float32), alpha, 1e-4, Q, step, qr=qr)
@@ -182,12 +183,49 @@ REAL_CASES = {
         ("eigenbasis, jacobi_steps=1", "eigenbasis", {"jacobi_steps": 1}),
         ("eigenbasis, jacobi_steps=2", "eigenbasis", {"jacobi_steps": 2}),
         ("eigenbasis, refresh_every=2", "eigenbasis", {"refresh_every": 2}),
-        ("eigenbasis, CholeskyQR (CUDA's)", "eigenbasis", {"qr": "cholesky"}),
+        ("eigenbasis, CholeskyQR in float64 (CUDA with fast float64)", "eigenbasis", {"qr": "cholesky_fp64"}),
+        (
+            "eigenbasis, CholeskyQR in float64, jacobi_steps=1",
+            "eigenbasis",
+            {"qr": "cholesky_fp64", "jacobi_steps": 1},
+        ),
+        (
+            "eigenbasis, CholeskyQR in float64, jacobi_steps=2",
+            "eigenbasis",
+            {"qr": "cholesky_fp64", "jacobi_steps": 2},
+        ),
+        ("eigenbasis, CholeskyQR (other CUDA devices)", "eigenbasis", {"qr": "cholesky"}),
         ("eigenbasis, CholeskyQR, jacobi_steps=2", "eigenbasis", {"qr": "cholesky", "jacobi_steps": 2}),
         ("eigenbasis, CholeskyQR, jacobi_steps=1", "eigenbasis", {"qr": "cholesky", "jacobi_steps": 1}),
         ("gram (float64 eigh)", "gram", {}),
+        ("TF32 matmuls (emulated): eigenbasis", "eigenbasis", {"tf32": True}),
     ],
 }
+REAL_CASES[2.0].append(("TF32 matmuls (emulated): cholesky", "cholesky", {"tf32": True}))
+
+
+class TF32Emulation(torch.overrides.TorchFunctionMode):
+    """float32 matmuls with their operands rounded to TF32 (10 mantissa bits, round to nearest; products
+    accumulated in float32, as tensor cores do): what a training script's ``allow_tf32 = True`` would do to the
+    optimizer's math if the optimizer did not turn it off (spectral_dist/spectral/precision.py)."""
+
+    OPS = {torch.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.Tensor.__matmul__, torch.Tensor.matmul}
+
+    @staticmethod
+    def _round(x):
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+            return x
+        i = x.contiguous().view(torch.int32)
+        return ((i + 0x1000) & ~0x1FFF).view(torch.float32)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.OPS:
+            if func is torch.baddbmm:  # baddbmm(input, b1, b2): only the product's operands
+                args = (args[0], *map(self._round, args[1:3]), *args[3:])
+            else:
+                args = tuple(map(self._round, args))
+        return func(*args, **kwargs)
 
 
 def record_inputs(steps: int = 60, d: int = 256, layers: int = 2, seq: int = 128, batch: int = 16, lr=3e-3):
@@ -255,12 +293,15 @@ def real_gradients(
         cases = REAL_CASES.get(alpha, REAL_CASES["other"])
         for label, method, kw in cases:
             errs, Q = [], None
+            kw = dict(kw)
+            mode = TF32Emulation() if kw.pop("tf32", False) else contextlib.nullcontext()
             for t, M in enumerate(seq_m):
                 X = M.to(device, torch.float32).unsqueeze(0)
-                if method == "eigenbasis":
-                    D, Q, _ = eigenbasis_batched(X, alpha, 1e-4, Q, t, **kw)
-                else:
-                    D, _ = direction_unchecked(X, alpha, 1e-4, method, **kw)
+                with mode:
+                    if method == "eigenbasis":
+                        D, Q, _ = eigenbasis_batched(X, alpha, 1e-4, Q, t, **kw)
+                    else:
+                        D, _ = direction_unchecked(X, alpha, 1e-4, method, **kw)
                 if t:
                     errs.append(errors(D[0], M, alpha)[1])
             late = errs[len(errs) // 2 :]
@@ -296,7 +337,7 @@ def jacobi_cost(device: torch.device, shapes, batch: int = 4, seed: int = 0) -> 
         X = torch.randn(batch, m, n, generator=g).to(device)
         k = min(m, n)
         Q = torch.linalg.qr(torch.randn(batch, k, k, generator=g))[0].to(device)
-        for qr in ("householder", "cholesky"):
+        for qr in EIGENBASIS_QR:
             for jac in (0, 1, 2):
                 sec = _time(
                     lambda X=X, Q=Q, qr=qr, jac=jac: eigenbasis_batched(

@@ -52,7 +52,7 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     exact = [r for r in real["rows"] if r["method"].startswith(("gram", "cholesky"))]
     assert exact and all(r["median"] < 1e-3 for r in exact), exact  # the exact methods on real inputs
     assert {(r["qr"], r["jacobi_steps"]) for r in res["jacobi_cost"]["rows"]} == {
-        (q, j) for q in ("householder", "cholesky") for j in (0, 1, 2)
+        (q, j) for q in ("householder", "cholesky", "cholesky_fp64") for j in (0, 1, 2)
     }
     text = md.read_text()
     assert "GPU checks (issue 16)" in text and "recorded inputs of a real run" in text

@@ -299,7 +299,7 @@ def test_batched_polynomials_and_cholesky_treat_each_matrix_on_its_own():
         direction_unchecked(X, 1.0, 0.0, "tracked")
 
 
-@pytest.mark.parametrize("qr", ["householder", "cholesky"])
+@pytest.mark.parametrize("qr", ["householder", "cholesky", "cholesky_fp64"])
 @pytest.mark.parametrize("shape", [(9, 6), (6, 9)])
 @pytest.mark.parametrize("rank", [None, 3])
 def test_eigenbasis_batched_equals_the_one_matrix_eigenbasis(rank, shape, qr):
@@ -464,6 +464,31 @@ def test_cholesky_qr_orthonormalises_or_says_it_could_not():
     assert ok.tolist() == [False, False, False]
 
 
+def test_float64_cholesky_qr_accepts_what_float64_resolves():
+    """In float64 the same CholeskyQR2 is round-off orthonormal up to condition ~1e10 (pass 1's shift is 1e-10,
+    its acceptance bound CHOLQR_MIN_DIAG_RATIO_FP64): a condition of 1e6, refused in float32, passes; equal
+    columns and a NaN still come back with ok False."""
+    from spectral_dist.spectral import direction as dr
+
+    gen = torch.Generator().manual_seed(0)
+    k = 64
+    U, _ = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64))
+    Y = torch.stack([(U * torch.logspace(0, -c, k, dtype=torch.float64)) @ V.T for c in (6, 9)])
+    Q, ok = dr._cholesky_qr(Y)
+    assert ok.tolist() == [True, True]
+    assert (Q.mT @ Q - torch.eye(k, dtype=torch.float64)).abs().max() < 1e-9
+    R = Q.mT @ Y
+    assert (R.tril(-1).abs().amax(dim=(-2, -1)) < 1e-6 * R.abs().amax(dim=(-2, -1))).all()
+    _, ok32 = dr._cholesky_qr(Y[:1].float())
+    assert ok32.tolist() == [False]
+    bad = torch.randn(2, k, k, generator=gen, dtype=torch.float64)
+    bad[0, :, 1] = bad[0, :, 0]
+    bad[1, 3, 4] = float("nan")
+    _, ok = dr._cholesky_qr(bad)
+    assert ok.tolist() == [False, False]
+
+
 def test_finite_matrices_flags_each_matrix_with_a_nan_or_inf():
     from spectral_dist.spectral.direction import finite_matrices
 
@@ -504,7 +529,7 @@ def _top_error(D, G, alpha, damping=1e-4, energy=0.9):
     return float((proj(Dn) - proj(Rn)).norm() / proj(Rn).norm())
 
 
-@pytest.mark.parametrize("qr", ["householder", "cholesky"])
+@pytest.mark.parametrize("qr", ["householder", "cholesky", "cholesky_fp64"])
 def test_jacobi_steps_sharpen_the_eigenbasis_along_a_drifting_sequence(qr):
     """A power step barely moves the bulk of a 1/k spectrum (neighbouring eigenvalue ratios near 1), where an
     alpha = 1.65 update lies; each parallel Jacobi step after it cuts the top-direction error against the

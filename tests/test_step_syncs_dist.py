@@ -7,6 +7,8 @@ One ``run_workers`` call (2 ranks) runs every case; the workers live here (spawn
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from spectral_dist.host_reads import HostReads
 from spectral_dist.optim import matrix_step as ms
+from spectral_dist.spectral.direction import EIGENBASIS_QR_ENV
 
 COUNT_OPTS = {
     "polar_express": dict(alpha=1.0),
@@ -129,6 +132,13 @@ def sync_worker(rank, world) -> dict:
         "eigenbasis": dict(alpha=0.5, basis="auto"),
     }.items():
         out["rare"][name] = _rare_paths(rank, world, opts)
+    # the eigenbasis with a GPU's QR (float64 CholeskyQR, H100's default), its flags through the exchange
+    os.environ[EIGENBASIS_QR_ENV] = "cholesky_fp64"
+    try:
+        out["rare"]["eigenbasis_cholesky_fp64"] = _rare_paths(rank, world, dict(alpha=0.5, basis="auto"))
+        out["rare"]["eigenbasis_cholesky_fp64"]["qr"] = ms.auto_eigenbasis_qr("cpu")
+    finally:
+        del os.environ[EIGENBASIS_QR_ENV]
     dist.barrier()
     return out
 
@@ -158,13 +168,14 @@ def test_one_host_sync_per_step_under_fsdp2(results):
         assert events == 0 and reads <= 1, (rank, events, reads)
 
 
-@pytest.mark.parametrize("case", ["auto_by_layer", "eigenbasis"])
+@pytest.mark.parametrize("case", ["auto_by_layer", "eigenbasis", "eigenbasis_cholesky_fp64"])
 def test_redo_and_late_gradient_paths_equal_one_process(results, case):
     """DDP on 2 ranks against one process, 6 steps: at step 2 every batched direction reports non-finite (NaN
     directions: only the owner's float64 redo can step the matrix, and every rank must apply the redo, not the
     NaN); from step 4 a layer without gradient since step 0 (left out of the exchange) has one again."""
     for rank, res in enumerate(results):
         r = res["rare"][case]
+        assert r.get("qr", "cholesky_fp64") == "cholesky_fp64", r["qr"]
         assert r["err"] < 5e-5, (rank, case, r["where"], r["err"])
         assert r["stats"] == r["ref_stats"], (rank, case, r["stats"], r["ref_stats"])
         assert r["stats"]["unused.weight"]["steps"] == STEPS - LATE_AT, r["stats"]

@@ -161,7 +161,8 @@ class SpectralNewton(torch.optim.Optimizer):
             (:func:`~spectral_dist.spectral.jacobi_rotate`). They rotate the tracked basis within the bulk of the
             spectrum, where a power step barely moves it and where an alpha > 1 update lies. Measured on the
             inputs of a real training run (top-direction error against the SVD, alpha 1.65): 23% with 0,
-            15% with 1, 9% with 2 on CPU; 53%, 31%, 21% with CUDA's CholeskyQR (docs/benchmarks.md). Each
+            15% with 1, 9% with 2 with Householder QR (CPU) or float64 CholeskyQR (A100, H100, H200, B200); 53%,
+            31%, 21% with the float32 CholeskyQR of other GPUs (docs/benchmarks.md). Each
             step costs about one more eigenbasis step (matmuls and a QR; measured +100% on CPU at 768 x 768).
         adamw_lr: AdamW's learning rate for non-matrix parameters *when lr is at its constructed value*. The
             AdamW step follows lr's schedule: it uses ``adamw_lr * lr / base_lr`` with ``base_lr`` the group's

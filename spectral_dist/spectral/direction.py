@@ -100,8 +100,9 @@ def auto_method(alpha: float, damping: float, device) -> str:
       The optimizer runs it in bf16 on CUDA (as Muon does) and, when asked, on CPUs
       (:func:`auto_matmul_dtype`): 11.9% against float32's 11.8% on a real run's inputs, at 0.45x the time on CPU.
     * any other alpha: ``"eigenbasis"``: matmuls plus one k x k QR per matrix and step (Householder on CPU,
-      CholeskyQR2 on CUDA: :func:`eigenbasis_batched`), 0.7-10% error along a synthetic drifting sequence
-      but ~23% (CPU) and ~53% (CUDA's QR) along a real run's attention inputs; the optimizer's
+      CholeskyQR2 on CUDA: :func:`auto_eigenbasis_qr`, :func:`eigenbasis_batched`), 0.7-10% error along a
+      synthetic drifting sequence but ~23% (Householder, float64 CholeskyQR) and ~53% (float32 CholeskyQR)
+      along a real run's attention inputs; the optimizer's
       ``jacobi_steps`` (:func:`jacobi_rotate`) trade cost for accuracy there. The exact alternative,
       ``"gram"`` (float64 eigh), measured 3.1x the cost of Muon's step at GPT-2 shapes on CPU, and eigh runs
       far below matmul speed on GPUs; in float32 an eigh of the Gram matrix loses the directions that carry
@@ -355,7 +356,7 @@ def cholesky_direction(G: torch.Tensor, alpha: float, damping: float):
     return D, ok
 
 
-def eigenbasis_shift(A: torch.Tensor) -> torch.Tensor:
+def eigenbasis_shift(A: torch.Tensor, factor: float = 64.0) -> torch.Tensor:
     """The shift mu (..., 1, 1) of the CholeskyQR power step Q <- qr((A + mu I) Q) on a Gram batch A (..., k, k).
 
     A shift moves no eigenvector. It keeps the columns of the directions whose eigenvalues are below A's own
@@ -364,10 +365,12 @@ def eigenbasis_shift(A: torch.Tensor) -> torch.Tensor:
     with E's top directions) and CholeskyQR fails on most real gradients (measured: 2 to 3 of 4 GPT-2 attention
     matrices per step fell back to Householder QR). mu = 64 sqrt(k) eps tr(A): directions with
     sigma_i^2 < mu barely move between refreshes, and below that level the formed Gram matrix does not resolve
-    them anyway."""
+    them anyway. ``factor`` replaces the 64: the float64 CholeskyQR (``qr="cholesky_fp64"``) resolves the
+    noise columns itself and only needs columns that are exactly zero (a gradient's structurally zero rows or
+    columns) filled, so it shifts by 0.01 sqrt(k) eps tr(A), below A's own rounding error."""
     k = A.shape[-1]
     tr = A.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    return 64.0 * math.sqrt(k) * torch.finfo(A.dtype).eps * tr
+    return factor * math.sqrt(k) * torch.finfo(A.dtype).eps * tr
 
 
 def householder_q(Y: torch.Tensor) -> torch.Tensor:
@@ -395,7 +398,7 @@ def jacobi_rotate(X: torch.Tensor, Q: torch.Tensor, B: torch.Tensor, qr: str = "
     near 1 in the bulk of a gradient's spectrum, which is where the directions that carry an alpha > 1 update
     lie; a Jacobi step moves them by C_ij / gap. Measured on the recorded inputs of a real training run
     (``benchmarks/basis_accuracy.py --real``): one step after the power step cut the top-direction error of the
-    eigenbasis at alpha 1.65 from 23% to 15%, two to 9% (CholeskyQR: 53%, 31%, 21%). It does not replace the
+    eigenbasis at alpha 1.65 from 23% to 15%, two to 9% (float32 CholeskyQR: 53%, 31%, 21%). It does not replace the
     power step, which moves the top of the spectrum (Jacobi steps alone measured far worse in exploratory runs).
 
     C is formed from B, not from A: its entries then scale with sigma_i sigma_j, so the small directions'
@@ -407,10 +410,11 @@ def jacobi_rotate(X: torch.Tensor, Q: torch.Tensor, B: torch.Tensor, qr: str = "
     gap = lam.unsqueeze(-2) - lam.unsqueeze(-1)  # gap[..., i, j] = C_jj - C_ii
     theta = 0.5 * torch.atan2(2 * C * torch.where(gap < 0, -1.0, 1.0), gap.abs()).triu(1)
     Y = Q + Q @ (theta - theta.mT)  # Q (I + K)
-    if qr == "cholesky":
-        Y, ok = _cholesky_qr(Y)
-    else:
+    if qr == "householder":
         Y, ok = householder_q(Y), None
+    else:  # Q (I + K) is well conditioned: no shift needed
+        Y, ok = _cholesky_qr(Y.double() if qr == "cholesky_fp64" else Y)
+        Y = Y.to(Q.dtype)
     return Y, X @ Y, ok
 
 
@@ -470,28 +474,43 @@ def eigenbasis_direction(
     return D.mT if wide else D
 
 
-EIGENBASIS_QR = ("householder", "cholesky")
-# ``SPECTRAL_DIST_EIGENBASIS_QR``: unset or "auto" (the QR by device, :func:`auto_eigenbasis_qr`),
-# "householder" or "cholesky" on any device.
+EIGENBASIS_QR = ("householder", "cholesky", "cholesky_fp64")
+# ``SPECTRAL_DIST_EIGENBASIS_QR``: unset or "auto" (the QR by device, :func:`auto_eigenbasis_qr`), or one of
+# EIGENBASIS_QR on any device.
 EIGENBASIS_QR_ENV = "SPECTRAL_DIST_EIGENBASIS_QR"
+# CUDA compute capabilities whose float64 matmuls run at the float32 (non-TF32) rate or at half of it: P100,
+# V100, A100, H100/H200, B200. Elsewhere (consumer and workstation parts, B300) float64 runs at 1/32-1/64.
+FAST_FP64_CAPABILITIES = ((6, 0), (7, 0), (8, 0), (9, 0), (10, 0))
+
+
+@functools.cache
+def _fast_fp64(index: int) -> bool:
+    if getattr(torch.version, "hip", None):  # ROCm: not measured, keep the float32 path
+        return False
+    return tuple(torch.cuda.get_device_capability(index)) in FAST_FP64_CAPABILITIES
 
 
 def auto_eigenbasis_qr(device) -> str:
     """The QR of the optimizer's batched eigenbasis power step on ``device`` (:func:`eigenbasis_batched`'s
-    ``qr``): ``"cholesky"`` on CUDA, ``"householder"`` elsewhere (reasons there).
+    ``qr``; reasons there): ``"householder"`` off CUDA; on CUDA ``"cholesky_fp64"`` where float64 matmuls are
+    fast (:data:`FAST_FP64_CAPABILITIES`), else ``"cholesky"``.
 
-    ``SPECTRAL_DIST_EIGENBASIS_QR=householder`` or ``=cholesky`` picks one on any device: Householder's smaller
-    drift error on a GPU, or the GPU's path on a CPU, where the tests run the optimizer through it (its
-    CholeskyQR, its failure flags and the owner's Householder redo, over a process group too)."""
+    ``SPECTRAL_DIST_EIGENBASIS_QR`` = ``householder``, ``cholesky`` or ``cholesky_fp64`` picks one on any device:
+    Householder on a GPU, or a GPU's path on a CPU, where the tests run the optimizer through it (its CholeskyQR,
+    its failure flags and the owner's Householder redo, over a process group too)."""
     forced = os.environ.get(EIGENBASIS_QR_ENV, "").strip()
     if forced in EIGENBASIS_QR:
         return forced
     if forced not in ("", "auto"):
         raise ValueError(
-            f"{EIGENBASIS_QR_ENV} must be unset or auto (Cholesky QR on CUDA, Householder elsewhere), householder "
-            f"or cholesky, got {forced!r}"
+            f"{EIGENBASIS_QR_ENV} must be unset or auto (by device), or one of {', '.join(EIGENBASIS_QR)}, "
+            f"got {forced!r}"
         )
-    return "cholesky" if torch.device(device).type == "cuda" else "householder"
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "householder"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return "cholesky_fp64" if _fast_fp64(index) else "cholesky"
 
 
 def eigenbasis_batched(
@@ -509,7 +528,7 @@ def eigenbasis_batched(
     """:func:`eigenbasis_direction` for a batch X (b, m, n) whose matrices share ``step``: (D, Q_new, ok),
     without host syncs (beyond the SVD's info check when ``Q`` is None or ``step`` is 0, the initialisation).
     ``Q`` (b, k, r), k = min(m, n), is the batch of previous bases; ``ok`` (b,) says D and Q_new are finite and
-    (``qr="cholesky"``) the CholeskyQR succeeded.
+    (``qr="cholesky"``, ``"cholesky_fp64"``) the CholeskyQR succeeded.
 
     ``qr`` orthonormalises the power step A Q (k x r, A = X^T X):
 
@@ -520,7 +539,15 @@ def eigenbasis_batched(
       matmuls plus a small Cholesky): shifted CholeskyQR2 of (A + mu I) Q, mu = :func:`eigenbasis_shift`, which
       real gradients need (without it 2-3 of 4 GPT-2 attention matrices per step failed the factorisation).
       The shift slows the tracking of directions with sigma_i^2 < mu: measured 1.6-2.3x the drift error of
-      ``"householder"`` (basis_accuracy.py, 1/k spectra at GPT-2 shapes, alpha 1.65).
+      ``"householder"`` (basis_accuracy.py, 1/k spectra at GPT-2 shapes, alpha 1.65), and 0.53 against 0.23
+      top-direction error on a real run's attention inputs.
+    * ``"cholesky_fp64"`` (GPUs with fast float64: A100, H100, H200, B200): the power step A Q in X's dtype,
+      its CholeskyQR2 in float64, where the noise columns of the directions below A's rounding error stay
+      independent, so the shift is 0.01 sqrt(k) eps tr(A) (it only fills the exactly zero columns of a
+      structurally rank-deficient gradient) instead of 64 sqrt(k) eps tr(A): Householder's accuracy (0.23 on
+      the same real inputs, the same to two digits per matrix), matmuls and a small Cholesky only. Its
+      float64 work is the k x k CholeskyQR (about 2 x (2 k^3 Gram + k^3 solve + k^3 / 3)), at the float32
+      (non-TF32) rate on those GPUs.
 
     Cost per matrix (l = max(m, n), r = k): the Gram product l k^2, B = X Q and D = (B w) Q^T 2 l k^2 (matmuls,
     2 flops each), A Q k^3, and the QR (Householder 4/3 k^3; CholeskyQR2 2 x (k^3 Gram + k^3/3 Cholesky +
@@ -548,6 +575,10 @@ def eigenbasis_batched(
             A = X.mT @ X
             if qr == "cholesky":
                 Q, chol_ok = _cholesky_qr(A @ Q + eigenbasis_shift(A) * Q)
+            elif qr == "cholesky_fp64":
+                Y = (A @ Q).double() + eigenbasis_shift(A, 0.01).double() * Q.double()
+                Q, chol_ok = _cholesky_qr(Y)
+                Q = Q.to(X.dtype)
             else:
                 Q = householder_q(A @ Q)
     B = X @ Q
@@ -571,8 +602,10 @@ def eigenbasis_batched(
 
 # The smallest ratio min/max of the diagonal of the last pass's Cholesky factor that ``_cholesky_qr`` accepts:
 # its output's orthogonality error measured ~eps / ratio^2 (ratio 0.1: 4e-6, 0.0017: 2e-2), so 0.02 bounds it
-# near 1e-4 in float32; below, the optimizer redoes the matrix with Householder QR.
+# near 1e-4 in float32; below, the optimizer redoes the matrix with Householder QR. In float64 the same bound
+# is sqrt(eps64 / 3e-4) ~ 8.6e-7.
 CHOLQR_MIN_DIAG_RATIO = 0.02
+CHOLQR_MIN_DIAG_RATIO_FP64 = 8.6e-7
 
 
 def _cholesky_qr(Y: torch.Tensor):
@@ -588,17 +621,19 @@ def _cholesky_qr(Y: torch.Tensor):
     same size on CPU). ``ok`` is False where a factorisation failed or pass 2's factor is too ill-conditioned
     for round-off orthogonality (:data:`CHOLQR_MIN_DIAG_RATIO`; e.g. a condition number of 1e6 or two equal
     columns): the optimizer then redoes that matrix with Householder QR."""
+    fp64 = Y.dtype == torch.float64
     Y = Y / Y.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
     ok = torch.ones(Y.shape[0], dtype=torch.bool, device=Y.device)
     eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
-    for shift in (1e-4, 0.0):
+    # pass 1's shift sits above C's rounding error, ~k eps (1e-4 covers k = 768 in float32)
+    for shift in (1e-10 if fp64 else 1e-4, 0.0):
         C = Y.mT @ Y
         L, info = torch.linalg.cholesky_ex(C + shift * eye if shift else C)
         Y = torch.linalg.solve_triangular(L.mT, Y, upper=True, left=False)  # Y L^-T
         ok = ok & (info == 0)
     diag = L.diagonal(dim1=-2, dim2=-1)
     ratio = diag.amin(-1) / diag.amax(-1).clamp_min(torch.finfo(Y.dtype).tiny)
-    return Y, ok & (ratio >= CHOLQR_MIN_DIAG_RATIO)
+    return Y, ok & (ratio >= (CHOLQR_MIN_DIAG_RATIO_FP64 if fp64 else CHOLQR_MIN_DIAG_RATIO))
 
 
 def tracked_direction(
