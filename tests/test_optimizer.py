@@ -408,3 +408,47 @@ def test_auto_eigenbasis_applies_its_last_product_in_the_device_dtype(monkeypatc
         )
         assert torch.allclose(upd[i], want[0], rtol=0, atol=1e-6), (i, flag)
         assert not torch.allclose(upd[i], other[0], rtol=0, atol=1e-5), (i, flag)
+
+
+def test_torch_compile_compiles_around_the_step():
+    """A compiled training step that calls opt.step() traces the model and leaves the optimizer step to run as
+    it is: no recompilation from one step to the next (dynamo would otherwise specialise on per-matrix counters
+    and basis phases and recompile every step until its limit), and the same parameters as eager steps."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+
+    def setup():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16))
+        return model, SpectralNewton(model.parameters(), lr=0.02, alpha=1.65, distributed=False)
+
+    xs = [torch.randn(8, 16, generator=torch.Generator().manual_seed(t)) for t in range(6)]
+    model, opt = setup()
+    for x in xs:
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    ref = [p.detach().clone() for p in model.parameters()]
+
+    model, opt = setup()
+    cnt = CompileCounter()
+
+    @torch.compile(backend=cnt)
+    def train_step(x):
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    frames = []
+    for x in xs:
+        train_step(x)
+        frames.append(cnt.frame_count)
+    try:
+        assert frames[1] == frames[-1], f"recompiled between steps: frames compiled after each step {frames}"
+        for p, q in zip(model.parameters(), ref):
+            assert torch.allclose(p, q, atol=1e-6), (p - q).abs().max()
+    finally:
+        torch._dynamo.reset()

@@ -615,6 +615,11 @@ class SpectralNewton(torch.optim.Optimizer):
             self._engine = make_engine(self, self._distributed)
         return self._engine
 
+    # Not traced by torch.compile: the step is a few large batched matmuls per shape already, and its
+    # bookkeeping (per-matrix counters, basis phases, the plan) would make dynamo specialise and recompile at
+    # every step (measured: 8 recompiles, ~30 s, then its silent eager fallback). A compiled training step
+    # that calls opt.step() compiles around it.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
