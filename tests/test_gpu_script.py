@@ -54,7 +54,9 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert {(r["qr"], r["jacobi_steps"]) for r in res["jacobi_cost"]["rows"]} == {
         (q, j) for q in ("householder", "cholesky", "cholesky_fp64") for j in (0, 1, 2)
     }
+    assert res["eigenbasis_qr"] == "householder"  # the CPU's; the header names it
     text = md.read_text()
+    assert "eigenbasis QR householder" in text
     assert "GPU checks (issue 16)" in text and "recorded inputs of a real run" in text
     assert "Cost of the Jacobi steps" in text and "Host syncs in one optimizer step" in text
     assert "Transient memory of one optimizer step" in text

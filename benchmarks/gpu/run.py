@@ -29,6 +29,7 @@ import step_memory  # noqa: E402
 from spectral_dist import models  # noqa: E402
 from spectral_dist.host_reads import HostReads  # noqa: E402
 from spectral_dist.optim import SpectralNewton  # noqa: E402
+from spectral_dist.spectral.direction import auto_eigenbasis_qr  # noqa: E402
 
 TRAIN_OPTIMIZERS = ("adamw", "muon", "sn")
 
@@ -239,7 +240,8 @@ def stage_training(device, quick: bool, steps: int, tokens: int) -> dict:
 def to_markdown(res: dict) -> str:
     lines = [f"## GPU checks (issue 16) — {res['device']}, {res['date']}", ""]
     lines.append(
-        f"torch {res['torch']}; total {res['seconds']:.0f} s; stages: "
+        f"torch {res['torch']}; compute capability {res.get('capability')}; eigenbasis QR "
+        f"{res.get('eigenbasis_qr')}; total {res['seconds']:.0f} s; stages: "
         + ", ".join(f"{k} {v}" for k, v in res["stage_status"].items())
     )
     lines.append("")
@@ -315,6 +317,11 @@ def main(argv=None) -> dict:
         device=device_name(device),
         date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         torch=torch.__version__,
+        # what basis="auto" chooses on this device: the eigenbasis QR and the bf16 matmuls
+        eigenbasis_qr=auto_eigenbasis_qr(device),
+        capability=".".join(map(str, torch.cuda.get_device_capability(device)))
+        if device.type == "cuda"
+        else None,
         quick=a.quick,
         stage_status={},
     )
