@@ -44,10 +44,13 @@ def _shard_offsets(size: int, num_chunks: int, coord: int, placement, previous):
     """Global indices (in local order) along one tensor dim after sharding it over one more mesh dim."""
     from torch.distributed.tensor._utils import _get_shard_size_and_offsets
 
-    shard_size, index = _get_shard_size_and_offsets(size, num_chunks, coord, placement, previous, size, False)
+    with torch.device("cpu"):  # host index math (torch builds it on the default device otherwise)
+        shard_size, index = _get_shard_size_and_offsets(
+            size, num_chunks, coord, placement, previous, size, False
+        )
     if shard_size == 0:
-        return torch.zeros(0, dtype=torch.long)
-    return index.reshape(-1).to(torch.long)
+        return torch.zeros(0, dtype=torch.long, device="cpu")
+    return index.reshape(-1).to("cpu", torch.long)
 
 
 def dtensor_index_sets(shape, mesh_shape, coord, placements, name: str = "parameter") -> list:

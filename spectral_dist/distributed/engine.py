@@ -353,6 +353,7 @@ class OwnerEngine:
             [float(h and k) for h, k in zip(have, held)]
             + [float(len(s.layout.holders()) if not self.local else 1) for s in slots],
             dtype=torch.float32,
+            device="cpu",  # built on the host whatever the default device, copied once
         ).to(dev)
         table = torch.cat([consts[:n], bad])
         if not self.local:
@@ -398,6 +399,7 @@ class OwnerEngine:
             table = torch.tensor(
                 [[float(r.status), float(r.retries), float(r.refreshes)] for r in results.values()],
                 dtype=dtype,
+                device="cpu",
             ).reshape(len(owned), HEADER)
             deferred = [r.ok for r in results.values() if r.ok is not None]
             if deferred:

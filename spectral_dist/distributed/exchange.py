@@ -75,7 +75,7 @@ def _local_flat(local: dict, k: str, want: int, rank: int) -> torch.Tensor:
     if t is None:
         if want:
             raise KeyError(f"rank {rank} holds {want} elements of matrix {k!r} but passed no local data")
-        return torch.empty(0)
+        return torch.empty(0, device="cpu")
     t = t.reshape(-1)
     if t.numel() != want:
         raise ValueError(

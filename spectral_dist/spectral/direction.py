@@ -312,7 +312,9 @@ def _sigma1_squared(A: torch.Tensor, iters: int = 32) -> torch.Tensor:
     general bmm that is slow for one column), 32 of them per Cholesky batch."""
     n = A.shape[-1]
     g = torch.Generator(device="cpu").manual_seed(n)
-    v = (torch.rand(1, n, generator=g, dtype=torch.float64) + 0.5).to(A.device, A.dtype)
+    # the start is drawn on the CPU (explicitly: a caller's torch.set_default_device("cuda") must not move it
+    # off its generator's device) and copied once
+    v = (torch.rand(1, n, generator=g, dtype=torch.float64, device="cpu") + 0.5).to(A.device, A.dtype)
     v = v.expand(*A.shape[:-2], 1, n)
     for _ in range(iters):
         v = v @ A
