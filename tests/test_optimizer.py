@@ -452,3 +452,30 @@ def test_torch_compile_compiles_around_the_step():
             assert torch.allclose(p, q, atol=1e-6), (p - q).abs().max()
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.65, 2.0])
+def test_channels_last_conv_kernels_step_as_contiguous_ones(alpha):
+    """Conv kernels in channels_last memory (a common GPU setting for CNNs) are viewed as (out, in * kh * kw)
+    in their logical order: with the same gradients, the parameters equal a contiguous run's bit for bit and
+    keep their memory format."""
+    outs = []
+    for cl in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
+        if cl:
+            model = model.to(memory_format=torch.channels_last)
+        opt = SpectralNewton(model.parameters(), alpha=alpha, lr=0.02, distributed=False)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in model.parameters():
+                gr = torch.randn(p.shape, generator=g)
+                p.grad = gr.contiguous(memory_format=torch.channels_last) if cl and p.ndim == 4 else gr
+            opt.step()
+        if cl:
+            assert all(
+                p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.ndim == 4
+            )
+        outs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b), (a - b).abs().max()
