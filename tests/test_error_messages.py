@@ -39,6 +39,11 @@ def _exact(msg):
     [
         (dict(lr=-1.0), "lr must be a finite number >= 0, got -1.0"),
         (dict(lr="x"), "lr must be a finite number >= 0, got 'x'"),
+        (
+            dict(lr=torch.tensor(0.01)),
+            "lr must be a finite number >= 0, got tensor(0.0100) (a tensor lr is for torch optimizers whose step "
+            "is compiled or captured; SpectralNewton's step runs eagerly, so pass a float, e.g. lr=float(lr))",
+        ),
         (dict(weight_decay=-0.5), "weight_decay must be a finite number >= 0, got -0.5"),
         (dict(adamw_lr=-2.0), "adamw_lr must be a finite number >= 0, got -2.0"),
         (dict(adamw_weight_decay=-0.25), "adamw_weight_decay must be a finite number >= 0, got -0.25"),

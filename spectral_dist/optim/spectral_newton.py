@@ -71,7 +71,15 @@ def _check_nonneg(name, value):
         or not math.isfinite(value)
         or value < 0
     ):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        hint = ""
+        if isinstance(
+            value, torch.Tensor
+        ):  # torch's optimizers take a tensor lr for a compiled or captured step
+            hint = (
+                f" (a tensor {name} is for torch optimizers whose step is compiled or captured; SpectralNewton's "
+                f"step runs eagerly, so pass a float, e.g. {name}=float({name}))"
+            )
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}{hint}")
 
 
 def validate_group(g: Mapping) -> None:
