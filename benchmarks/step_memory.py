@@ -112,8 +112,16 @@ def measure(name: str, matrices: int, width: int, cap, threads: int, device: str
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def table(rows: list[dict], params_mib: float) -> str:
-    adamw = next(r["peak_mib"] for r in rows if r["optimizer"] == "adamw")
+def eigenbasis_qr(device: str) -> str:
+    """The eigenbasis QR the children use on ``device`` (by device, or SPECTRAL_DIST_EIGENBASIS_QR)."""
+    sys.path.insert(0, str(ROOT))
+    from spectral_dist.spectral.direction import auto_eigenbasis_qr
+
+    return auto_eigenbasis_qr(device)
+
+
+def table(rows: list[dict], params_mib: float, qr: str = "householder") -> str:
+    adamw = next((r["peak_mib"] for r in rows if r["optimizer"] == "adamw"), None)
     lines = [
         "| optimizer | basis | max_batch_mb | step peak (MiB) | / matrices' size | / adamw | step (s) |",
         "|---|---|---|---|---|---|---|",
@@ -122,9 +130,13 @@ def table(rows: list[dict], params_mib: float) -> str:
         cap = (
             "-" if r["optimizer"] in ("adamw", "muon") else ("none" if r["cap"] is None else f"{r['cap']:g}")
         )
+        basis = METHOD.get(r["optimizer"], "-")
+        if basis == "eigenbasis":  # its QR depends on the device (and SPECTRAL_DIST_EIGENBASIS_QR)
+            basis += f" ({qr} QR)"
+        vs_adamw = "-" if adamw is None else f"{r['peak_mib'] / max(adamw, 1e-9):.2f}x"
         lines.append(
-            f"| {r['optimizer']} | {METHOD.get(r['optimizer'], '-')} | {cap} | {r['peak_mib']:.0f} | "
-            f"{r['peak_mib'] / params_mib:.2f}x | {r['peak_mib'] / max(adamw, 1e-9):.2f}x | {r['seconds']:.2f} |"
+            f"| {r['optimizer']} | {basis} | {cap} | {r['peak_mib']:.0f} | "
+            f"{r['peak_mib'] / params_mib:.2f}x | {vs_adamw} | {r['seconds']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -171,7 +183,7 @@ def main(argv=None) -> dict:
     text = (
         f"`{cmd.strip()}` ({when}, {where}): transient memory of one optimizer step on {a.matrices} matrices "
         f"of {a.width}^2 fp32 ({params_mib:.0f} MiB), {how} over what was allocated before the step\n\n"
-        + table(rows, params_mib)
+        + table(rows, params_mib, eigenbasis_qr(a.device))
     )
     print("\n" + text)
     if a.write:

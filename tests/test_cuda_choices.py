@@ -131,7 +131,7 @@ def test_the_optimizer_steps_through_a_gpu_qr(monkeypatch, qr):
     monkeypatch.setenv(EIGENBASIS_QR_ENV, qr)
     seen = []
     real = dr._cholesky_qr
-    monkeypatch.setattr(dr, "_cholesky_qr", lambda Y: (seen.append(Y.dtype), real(Y))[1])
+    monkeypatch.setattr(dr, "_cholesky_qr", lambda Y, **kw: (seen.append(Y.dtype), real(Y, **kw))[1])
     model, Ws = _attention_like()
     opt = SpectralNewton(
         Ws, lr=1.0, alpha=1.65, momentum=0.0, nesterov=False, scale="none", distributed=False
@@ -162,8 +162,8 @@ def test_a_failed_cholesky_qr_is_redone_alone_with_householder(monkeypatch, qr):
     monkeypatch.setenv(EIGENBASIS_QR_ENV, qr)
     real = dr._cholesky_qr
 
-    def fail_first(Y):
-        Q, ok = real(Y)
+    def fail_first(Y, **kw):
+        Q, ok = real(Y, **kw)
         ok = ok.clone()
         ok[0] = False
         return Q, ok

@@ -415,7 +415,7 @@ def jacobi_rotate(X: torch.Tensor, Q: torch.Tensor, B: torch.Tensor, qr: str = "
     if qr == "householder":
         Y, ok = householder_q(Y), None
     else:  # Q (I + K) is well conditioned: no shift needed
-        Y, ok = _cholesky_qr(Y.double() if qr == "cholesky_fp64" else Y)
+        Y, ok = _cholesky_qr(Y.double() if qr == "cholesky_fp64" else Y, overwrite=True)
         Y = Y.to(Q.dtype)
     return Y, X @ Y, ok
 
@@ -575,14 +575,16 @@ def eigenbasis_batched(
         refine = step % max(1, refresh_every) == 0
         if refine:
             A = X.mT @ X
+            # the QR's input is a temporary it may overwrite (nothing else holds it: one stack less)
             if qr == "cholesky":
-                Q, chol_ok = _cholesky_qr(A @ Q + eigenbasis_shift(A) * Q)
+                Q, chol_ok = _cholesky_qr(A @ Q + eigenbasis_shift(A) * Q, overwrite=True)
             elif qr == "cholesky_fp64":
-                Y = (A @ Q).double() + eigenbasis_shift(A, 0.01).double() * Q.double()
-                Q, chol_ok = _cholesky_qr(Y)
+                mu = eigenbasis_shift(A, 0.01).double()
+                Q, chol_ok = _cholesky_qr((A @ Q).double().addcmul_(mu, Q), overwrite=True)
                 Q = Q.to(X.dtype)
             else:
                 Q = householder_q(A @ Q)
+            del A  # k x k per matrix, not needed past the power step
     B = X @ Q
     for _ in range(int(jacobi_steps) if refine else 0):
         Q, B, j_ok = jacobi_rotate(X, Q, B, qr)
@@ -610,7 +612,7 @@ CHOLQR_MIN_DIAG_RATIO = 0.02
 CHOLQR_MIN_DIAG_RATIO_FP64 = 8.6e-7
 
 
-def _cholesky_qr(Y: torch.Tensor):
+def _cholesky_qr(Y: torch.Tensor, overwrite: bool = False):
     """(Q, ok): the Q factor of Y (b, n, r) by shifted CholeskyQR2 on column-normalised Y, without host syncs.
 
     Scaling columns by positive numbers does not change Q (Y S = Q (R S)), nor does any upper-triangular
@@ -624,13 +626,16 @@ def _cholesky_qr(Y: torch.Tensor):
     for round-off orthogonality (:data:`CHOLQR_MIN_DIAG_RATIO`; e.g. a condition number of 1e6 or two equal
     columns): the optimizer then redoes that matrix with Householder QR."""
     fp64 = Y.dtype == torch.float64
-    Y = Y / Y.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
+    norms = Y.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
+    Y = Y.div_(norms) if overwrite else Y / norms  # overwrite: the caller's temporary, one stack less
     ok = torch.ones(Y.shape[0], dtype=torch.bool, device=Y.device)
-    eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
     # pass 1's shift sits above C's rounding error, ~k eps (1e-4 covers k = 768 in float32)
     for shift in (1e-10 if fp64 else 1e-4, 0.0):
         C = Y.mT @ Y
-        L, info = torch.linalg.cholesky_ex(C + shift * eye if shift else C)
+        if shift:
+            C.diagonal(dim1=-2, dim2=-1).add_(shift)
+        L, info = torch.linalg.cholesky_ex(C)
+        del C
         Y = torch.linalg.solve_triangular(L.mT, Y, upper=True, left=False)  # Y L^-T
         ok = ok & (info == 0)
     diag = L.diagonal(dim1=-2, dim2=-1)
