@@ -72,9 +72,8 @@ def _check_nonneg(name, value):
         or value < 0
     ):
         hint = ""
-        if isinstance(
-            value, torch.Tensor
-        ):  # torch's optimizers take a tensor lr for a compiled or captured step
+        # torch's own optimizers take a tensor lr for a compiled or captured step
+        if isinstance(value, torch.Tensor):
             hint = (
                 f" (a tensor {name} is for torch optimizers whose step is compiled or captured; SpectralNewton's "
                 f"step runs eagerly, so pass a float, e.g. {name}=float({name}))"
