@@ -5,11 +5,11 @@ variable reaches spawned ranks (tests/test_step_syncs_dist.py runs the 2-rank re
 
 from __future__ import annotations
 
-import math
 import statistics
 
 import pytest
 import torch
+from test_spectral import _drifting_sequence, _top_error
 from torch import nn
 
 from spectral_dist import SpectralNewton
@@ -57,38 +57,12 @@ def test_the_eigenbasis_qr_by_device_and_its_override(monkeypatch, capability):
         auto_eigenbasis_qr("cpu")
 
 
-def _drifting(k=128, steps=10, angle=0.05, batch=2, seed=0) -> list[torch.Tensor]:
-    """(2k x k) matrices with a 1/i spectrum whose right singular vectors rotate ~``angle`` rad per step."""
-    g = torch.Generator().manual_seed(seed)
-    U, _ = torch.linalg.qr(torch.randn(batch, 2 * k, k, generator=g, dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(batch, k, k, generator=g, dtype=torch.float64))
-    s = torch.arange(1, k + 1, dtype=torch.float64) ** -1.0
-    out = []
-    for _ in range(steps):
-        K = torch.randn(batch, k, k, generator=g, dtype=torch.float64)
-        V = V @ torch.linalg.matrix_exp(angle * (K - K.mT) / (2 * math.sqrt(k)))
-        noise = 1e-3 * torch.randn(batch, 2 * k, k, generator=g, dtype=torch.float64) / math.sqrt(k)
-        out.append((U * s) @ V.mT + noise)
-    return out
-
-
-def _top_error(D, G, alpha):
-    """|| P(D/||D|| - R/||R||) || / || P R/||R|| ||, P: onto the directions holding 90% of the reference R."""
-    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
-    T = S / (S**alpha + 1e-4 * S[0] ** alpha)
-    R = (U * T) @ Vh
-    order = torch.argsort(T, descending=True)
-    k = int((torch.cumsum(T[order] ** 2, 0) / (T**2).sum() < 0.9).sum()) + 1
-    P = lambda X: U[:, order[:k]].T @ X @ Vh[order[:k]].T  # noqa: E731
-    Dn, Rn = D.double() / D.double().norm(), R / R.norm()
-    return float((P(Dn) - P(Rn)).norm() / P(Rn).norm())
-
-
 def test_float64_cholesky_qr_tracks_as_householder_does():
     """Along a drifting 1/i spectrum (256 x 128, alpha 1.65) the float64 CholeskyQR's top-direction error is
     Householder's (within 2%), where the float32 one, slowed by its larger shift, is >= 15% worse (measured
-    0.054, 0.054, 0.070; on a real run's attention inputs 0.23, 0.23, 0.53: benchmarks/basis_accuracy.py --real)."""
-    seq = _drifting()
+    0.054, 0.069, 0.054 for Householder, float32, float64; on a real run's attention inputs 0.23, 0.23, 0.53: benchmarks/basis_accuracy.py --real)."""
+    # two 256 x 128 matrices per step (a batch), each a drifting 1/i spectrum
+    seq = [torch.stack(pair) for pair in zip(*(_drifting_sequence(256, 128, 10, seed=s) for s in (0, 1)))]
     err = {}
     for qr in ("householder", "cholesky", "cholesky_fp64"):
         Q, errs = None, []
