@@ -60,7 +60,8 @@ def test_the_eigenbasis_qr_by_device_and_its_override(monkeypatch, capability):
 def test_float64_cholesky_qr_tracks_as_householder_does():
     """Along a drifting 1/i spectrum (256 x 128, alpha 1.65) the float64 CholeskyQR's top-direction error is
     Householder's (within 2%), where the float32 one, slowed by its larger shift, is >= 15% worse (measured
-    0.054, 0.069, 0.054 for Householder, float32, float64; on a real run's attention inputs 0.23, 0.23, 0.53: benchmarks/basis_accuracy.py --real)."""
+    0.054, 0.069, 0.054 for Householder, float32, float64; on a real run's attention inputs 0.23, 0.53, 0.23:
+    benchmarks/basis_accuracy.py --real)."""
     # two 256 x 128 matrices per step (a batch), each a drifting 1/i spectrum
     seq = [torch.stack(pair) for pair in zip(*(_drifting_sequence(256, 128, 10, seed=s) for s in (0, 1)))]
     err = {}
