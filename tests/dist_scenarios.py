@@ -7,6 +7,8 @@ layer that gets no gradient, a frozen layer, and LayerNorm/bias vectors that go 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -59,15 +61,21 @@ def make_opt(model, engine=None, **opts) -> SpectralNewton:
     return SpectralNewton(model.named_parameters(), engine=engine, **base)
 
 
-def train_steps(model, opt, steps, rank=0, world=1, start=0):
+def train_steps(model, opt, steps, rank=0, world=1, start=0, around_step=contextlib.nullcontext):
+    """``steps`` steps on this rank's share of the global batch; ``around_step``: a context for each opt.step().
+    Returns the losses (0-d tensors, not read: no host sync added)."""
+    losses = []
     for t in range(start, start + steps):
         x, y = batch(t)
         per = GLOBAL_BATCH // world
         x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
-        loss = nn.functional.mse_loss(model(x), y)
+        loss = nn.functional.mse_loss(model(x).float(), y)  # .float(): a bf16 forward (mixed precision)
         opt.zero_grad()
         loss.backward()
-        opt.step()
+        with around_step():
+            opt.step()
+        losses.append(loss.detach())
+    return losses
 
 
 def reference_params(steps=STEPS, **opts) -> dict[str, torch.Tensor]:
@@ -78,7 +86,8 @@ def reference_params(steps=STEPS, **opts) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def wrap(model, mode: str):
+def wrap(model, mode: str, **fsdp_kw):
+    """DDP, or FSDP2 on the root module (``fsdp_kw``: fully_shard's options, e.g. ``mp_policy``)."""
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -88,7 +97,7 @@ def wrap(model, mode: str):
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-        fully_shard(model, mesh=mesh)
+        fully_shard(model, mesh=mesh, **fsdp_kw)
         return model, model
     raise ValueError(mode)
 

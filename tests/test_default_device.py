@@ -52,13 +52,12 @@ def test_the_step_ignores_the_default_device(method):
 
 def default_device_worker(rank, world) -> dict:
     from dist_scenarios import (
-        GLOBAL_BATCH,
-        batch,
         full_params,
         make_model,
         make_opt,
         max_rel_err,
         reference_params,
+        train_steps,
         wrap,
     )
 
@@ -69,14 +68,7 @@ def default_device_worker(rank, world) -> dict:
         model = make_model()
         wrapped, inner = wrap(model, mode)
         opt = make_opt(inner, **opts)
-        per = GLOBAL_BATCH // world
-        for t in range(3):
-            x, y = batch(t)
-            x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
-            opt.zero_grad()
-            nn.functional.mse_loss(wrapped(x), y).backward()
-            with torch.device("meta"):
-                opt.step()
+        train_steps(wrapped, opt, 3, rank, world, around_step=lambda: torch.device("meta"))
         out[mode] = max_rel_err(full_params(inner), ref)
     return out
 

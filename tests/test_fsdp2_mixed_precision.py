@@ -6,33 +6,18 @@ from __future__ import annotations
 
 import torch
 from dist_helpers import run_workers
-from torch import nn
 
 
 def mp_worker(rank, world) -> dict:
-    from dist_scenarios import GLOBAL_BATCH, batch, full_params, make_model, make_opt
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from dist_scenarios import full_params, make_model, make_opt, train_steps, wrap
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     out = {}
     for name, mp in (("fp32", None), ("bf16", MixedPrecisionPolicy(torch.bfloat16, torch.float32))):
         model = make_model()
-        mesh = init_device_mesh("cpu", (world,))
-        kw = {} if mp is None else {"mp_policy": mp}
-        for m in (model.conv, model.fc1, model.fc2):
-            fully_shard(m, mesh=mesh, **kw)
-        fully_shard(model, mesh=mesh, **kw)
+        wrap(model, "fsdp2", **({} if mp is None else {"mp_policy": mp}))
         opt = make_opt(model, from_model=True, basis="auto")
-        per = GLOBAL_BATCH // world
-        losses = []
-        for t in range(6):
-            x, y = batch(t)
-            x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
-            opt.zero_grad()
-            loss = nn.functional.mse_loss(model(x).float(), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = [float(v) for v in train_steps(model, opt, 6, rank, world)]
         state_dtypes = {
             str(v.dtype)
             for st in opt.state.values()
