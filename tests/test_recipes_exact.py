@@ -144,6 +144,12 @@ LAUNCH = {
     "zero3": _zero(3),
 }
 KEYS = ("train/loss", "train/lr", "train/grad_norm", "val/loss")
+# An H100's paths on these CPUs: the float64 eigenbasis CholeskyQR (attention's alpha 1.65), bf16 Polar Express
+# and eigenbasis products, under accelerate's bf16 autocast (which the optimizer's math must not see); the
+# library's default basis (the recipes' default is the exact svd)
+GPU_PATHS_ENV = dict(SPECTRAL_DIST_EIGENBASIS_QR="cholesky_fp64", SPECTRAL_DIST_CPU_BF16="1")
+GPU_PATHS_ARGS = ["--basis", "auto"]
+GPU_PATHS_LAUNCH = [*LAUNCH["ddp"][:-4], "--mixed_precision", "bf16", "--dynamo_backend", "no"]
 MAX_PARALLEL = 3
 # 36 launches of 40-55 s each, 3 at a time on 2 cores: 9-11 minutes measured, above pytest-timeout's default
 # 600 s (which would fail the fixture before its own limit could name the stuck runs)
@@ -151,8 +157,10 @@ TIMEOUT = 1200
 pytestmark = pytest.mark.timeout(TIMEOUT + 120)
 
 
-def _cmd(recipe, mode, out: Path, extra=()):
-    launch = list(LAUNCH[mode])  # fsdp2.yaml as shipped: the recipe names its block (ViTLayer, GPT2Block)
+def _cmd(recipe, mode, out: Path, extra=(), launch=None):
+    launch = list(
+        LAUNCH[mode] if launch is None else launch
+    )  # fsdp2.yaml as shipped: the recipe names its block
     batch = 2 * MICRO if mode == "one" else MICRO
     return [
         ACCELERATE,
@@ -178,24 +186,26 @@ class Jobs:
     def __init__(self, base: Path):
         self.base, self.specs, self.done = base, {}, {}
 
-    def add(self, name, cmd, after=None, tap=None):
-        """``tap``: record what the job hands to W&B in that folder (tests/wandb_tap.py)."""
-        self.specs[name] = (cmd, after, tap)
+    def add(self, name, cmd, after=None, tap=None, env=None):
+        """``tap``: record what the job hands to W&B in that folder (tests/wandb_tap.py); ``env``: variables
+        added to the launch's environment."""
+        self.specs[name] = (cmd, after, tap, env)
 
     def run(self):
         pending, running, t0 = dict(self.specs), {}, time.time()
         while pending or running:
-            for name, (cmd, after, tap) in list(pending.items()):
+            for name, (cmd, after, tap, extra_env) in list(pending.items()):
                 if len(running) >= MAX_PARALLEL:
                     break
                 if after is not None and after not in self.done:
                     continue
                 log = open(self.base / f"{name}.log", "w")
+                env = {**ENV, **(extra_env or {})}
                 running[name] = (
                     subprocess.Popen(
                         cmd,
                         cwd=ROOT,
-                        env=wandb_tap.env(tap, ENV) if tap else ENV,
+                        env=wandb_tap.env(tap, env) if tap else env,
                         stdout=log,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
@@ -235,6 +245,15 @@ def runs(tmp_path_factory):
                 after=killed,
                 tap=tap,
             )
+    # the GPT (its attention takes the eigenbasis) on 2 DDP processes through an H100's paths, killed and resumed
+    full, killed = "gpt_lm-gpu_paths", "gpt_lm-gpu_paths-killed"
+    gpu = dict(launch=GPU_PATHS_LAUNCH)
+    jobs.add(full, _cmd("gpt_lm", "ddp", base / full, GPU_PATHS_ARGS, **gpu), env=GPU_PATHS_ENV)
+    tap = base / f"{killed}.tap"
+    kill = [*GPU_PATHS_ARGS, "--kill_at_step", str(KILL_AT)]
+    jobs.add(killed, _cmd("gpt_lm", "ddp", base / killed, kill, **gpu), tap=tap, env=GPU_PATHS_ENV)
+    resume = _cmd("gpt_lm", "ddp", base / killed, [*GPU_PATHS_ARGS, "--resume", "latest"], **gpu)
+    jobs.add(f"{killed}-resumed", resume, after=killed, tap=tap, env=GPU_PATHS_ENV)
     # 2 -> 1 process: the DDP checkpoint at step 2, with the same global batch (accepted) and another (refused)
     ckpt4 = base / "gpt_lm-ddp" / "checkpoints" / "step_4"
     jobs.add(
@@ -290,17 +309,25 @@ def test_metrics_equal_one_process(runs, recipe, mode):
 @pytest.mark.parametrize("recipe", list(RECIPES))
 @pytest.mark.parametrize("mode", list(LAUNCH))
 def test_kill_and_resume_is_exact(runs, recipe, mode):
-    jobs, done, base = runs
-    full, killed = f"{recipe}-{mode}", f"{recipe}-{mode}-killed"
+    traj = "deepspeed" not in " ".join(LAUNCH[mode])  # no trajectory monitor under ZeRO
+    _check_kill_and_resume(*runs, f"{recipe}-{mode}", traj)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_exact_on_a_gpus_paths(runs):
+    """The GPT on 2 DDP processes with the float64 eigenbasis CholeskyQR, bf16 matmuls and accelerate's bf16
+    autocast (GPU_PATHS_*): the killed and resumed run logs what the uninterrupted one logs, bit for bit."""
+    _check_kill_and_resume(*runs, "gpt_lm-gpu_paths", traj=True)
+
+
+def _check_kill_and_resume(jobs, done, base, full, traj):
+    killed = f"{full}-killed"
     _ok(jobs, done, full)
     assert done[killed] != 0, "the killed run finished: the kill hook did not fire"
     _ok(jobs, done, f"{killed}-resumed")
     assert "resumed from" in jobs.log(f"{killed}-resumed")
     a, b = _rows(base / full), _rows(base / killed)
-    traj = (
-        ("traj/global/path_length/last",) if "deepspeed" not in " ".join(LAUNCH[mode]) else ()
-    )  # not under ZeRO
-    for key in (*KEYS, *traj):
+    for key in (*KEYS, *(("traj/global/path_length/last",) if traj else ())):
         sa, sb = _series(a, key), _series(b, key)
         assert sa and sa == sb, (key, sa, sb)  # bit-identical, every step once: no gap, no duplicate
     # W&B: the rows both launches handed to wandb.Run.log, less the killed segment set aside on resume
