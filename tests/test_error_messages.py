@@ -141,6 +141,36 @@ def test_add_param_group_rejects_vector_with_spectral_true():
     assert len(opt.param_groups) == 1
 
 
+def test_complex_parameters_are_refused_by_name():
+    # before: a complex gradient was cast to real in the finite check and the "polar factor" was wrong by 0.7
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.register_parameter("z", nn.Parameter(torch.randn(4, 4, dtype=torch.complex64)))
+    with pytest.raises(ValueError, match=r"parameter 'z' has dtype torch.complex64: .*torch.view_as_real"):
+        SpectralNewton.from_model(model, alpha=1.0)
+    opt = _opt()
+    with pytest.raises(ValueError, match=re.escape("a parameter of shape (2, 2) has dtype torch.complex64")):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2, 2, dtype=torch.complex64))]})
+    assert len(opt.param_groups) == 1
+
+
+def test_sparse_gradients_are_refused_before_anything_changes():
+    emb, lin = nn.Embedding(10, 4, sparse=True), nn.Linear(4, 4)
+    opt = SpectralNewton(
+        [
+            {"params": [lin.weight], "param_names": ["lin.weight"]},
+            {"params": [emb.weight], "param_names": ["emb"]},
+        ]
+    )
+    lin(emb(torch.tensor([1, 2]))).sum().backward()
+    before = [p.detach().clone() for p in (lin.weight, emb.weight)]
+    with pytest.raises(
+        RuntimeError, match=r"parameter 'emb' has a torch.sparse_coo gradient: .*sparse=False"
+    ):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, (lin.weight, emb.weight)))
+    assert not opt.state
+
+
 # ---------------------------------------------------------------- defaults
 def test_documented_defaults():
     sig = inspect.signature(SpectralNewton.__init__).parameters

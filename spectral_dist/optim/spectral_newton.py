@@ -329,7 +329,16 @@ class SpectralNewton(torch.optim.Optimizer):
         try:
             g.setdefault("base_lr", g["lr"])
             validate_group(g)
-            for p in g["params"]:
+            names = g.get("param_names") or [None] * len(g["params"])
+            for p, name in zip(g["params"], names):
+                if not p.is_floating_point():
+                    what = f"parameter {name!r}" if name else f"a parameter of shape {tuple(p.shape)}"
+                    raise ValueError(
+                        f"{what} has dtype {p.dtype}: SpectralNewton steps real floating-point parameters only "
+                        "(its transposes and norms are those of real matrices, and a complex gradient would be "
+                        "cast to real); keep a complex weight as two real parameters (torch.view_as_real) or give "
+                        "it another optimizer"
+                    )
                 if g["spectral"] is True and p.ndim < 2:
                     raise ValueError(
                         f"spectral=True needs matrix parameters; got one of shape {tuple(p.shape)}"
@@ -635,6 +644,15 @@ class SpectralNewton(torch.optim.Optimizer):
                 loss = closure()
         for g in self.param_groups:  # a group added by a plain dict edit still gets its base lr
             g.setdefault("base_lr", g["lr"])
+            for i, p in enumerate(g["params"]):
+                if p.grad is not None and p.grad.layout != torch.strided:  # before anything changes
+                    name = (g.get("param_names") or [None] * (i + 1))[i]
+                    what = f"parameter {name!r}" if name else f"a parameter of shape {tuple(p.shape)}"
+                    raise RuntimeError(
+                        f"{what} has a {p.grad.layout} gradient: SpectralNewton (like torch's AdamW) "
+                        "needs dense gradients; build the module without sparse gradients, e.g. "
+                        "nn.Embedding(..., sparse=False)"
+                    )
         self._get_engine().step(self)
         return loss
 
