@@ -309,7 +309,14 @@ def test_table_says_how(capsys):
 def test_default_alphas_are_the_measured_ones():
     """Issue 22 chose these from the independent harness (docs/benchmarks.md section 4); changing them needs
     new evidence there."""
-    assert DEFAULT_ALPHA == {"conv": 2.0, "attention": 1.65, "mlp_up": 2.0, "mlp_down": 1.0, "matrix": 1.0}
+    assert DEFAULT_ALPHA == {
+        "conv": 2.0,
+        "attention": 1.65,
+        "mlp_up": 2.0,
+        "mlp_down": 1.0,
+        "adapter": 1.0,  # not measured: the generic matrix value
+        "matrix": 1.0,
+    }
     assert PAPER_ALPHA == {"conv": 2.0, "attention": 1.0, "mlp_up": 0.5, "mlp_down": 1.0, "matrix": 1.0}
     opt = SpectralNewton.from_model(_HandGPT())
     got = {g["layer_type"]: g["alpha"] for g in opt.param_groups if g["spectral"]}
@@ -322,3 +329,66 @@ def test_default_alphas_are_the_measured_ones():
         "rms",
         0.2,
     )
+
+
+def test_parametrized_weights_are_classified_as_their_modules_weight():
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    m = nn.Sequential(
+        weight_norm(nn.Linear(8, 32)),
+        nn.GELU(),
+        spectral_norm(nn.Linear(32, 8)),
+        nn.Conv1d(8, 8, 1),
+        nn.Linear(8, 2),
+    )
+    t = _types(m)
+    assert (
+        t["0.parametrizations.weight.original1"] == "mlp_up"
+    )  # weight_norm's direction: the Linear's weight
+    assert t["0.parametrizations.weight.original0"] == "vector"  # its magnitude (32, 1): AdamW, not spectral
+    assert t["2.parametrizations.weight.original"] == "mlp_down"
+    assert t["3.weight"] == "conv"
+    opt = SpectralNewton.from_model(m)
+    _check_exactly_once(m, opt)
+    names = {n for g in opt.param_groups for n in g["param_names"]}
+    assert names == {n for n, p in m.named_parameters()}  # state_dict by name keeps the real names
+    x = torch.randn(4, 8)
+    for _ in range(2):
+        opt.zero_grad()
+        m[4](m[0:3](x)).pow(2).mean().backward()
+        opt.step()
+    assert "momentum_buffer" in opt.state[m[0].parametrizations.weight.original1]
+    assert "exp_avg" in opt.state[m[0].parametrizations.weight.original0]
+
+
+def test_vectors_stored_as_matrices_get_adamw():
+    m = nn.Sequential(
+        nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Conv2d(16, 1, 3), nn.Linear(4, 2)
+    )
+    t = _types(m)
+    assert t["0.weight"] == "vector" and t["4.weight"] == "vector"  # (16, 1) and a (1, 16 * 9) kernel
+    assert t["2.weight"] == "matrix"
+    dw = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.Linear(8, 2))  # depthwise (8, 1, 3, 3)
+    assert _types(dw)["0.weight"] == "conv"
+
+
+def test_lora_factors_are_adapters_wherever_they_sit():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(8, 8)
+            # PEFT's layout: q_proj.lora_A.default (an nn.Linear in a ModuleDict keyed by adapter name)
+            self.q_proj.lora_A = nn.ModuleDict({"default": nn.Linear(8, 2, bias=False)})
+            self.q_proj.lora_B = nn.ModuleDict({"default": nn.Linear(2, 8, bias=False)})
+            self.up_proj = nn.Linear(8, 32)
+            self.up_proj.lora_down = nn.Linear(8, 2, bias=False)
+            self.up_proj.lora_up = nn.Linear(2, 32, bias=False)
+
+    m = nn.Sequential(Attn(), nn.Linear(8, 2))
+    t = _types(m)
+    assert t["0.q_proj.weight"] == "attention" and t["0.up_proj.weight"] == "mlp_up"
+    for n in ("q_proj.lora_A.default", "q_proj.lora_B.default", "up_proj.lora_down", "up_proj.lora_up"):
+        assert t[f"0.{n}.weight"] == "adapter", n
+    opt = SpectralNewton.from_model(m, alpha={"adapter": 0.5})
+    got = {g["layer_type"]: g["alpha"] for g in opt.param_groups if g["spectral"]}
+    assert got == {"attention": 1.65, "mlp_up": 2.0, "adapter": 0.5}

@@ -14,12 +14,18 @@ conv            spectral   2.0   (nn.Conv1d/2d/3d kernels, viewed as (out, in * 
 attention       spectral   1.65  (q/k/v/out projections, fused qkv, nn.MultiheadAttention)
 mlp_up          spectral   2.0   (up/gate projections, fc1, c_fc, ViT intermediate)
 mlp_down        spectral   1.0   (down projections, fc2, GPT-2 mlp.c_proj, ViT output)
+adapter         spectral   1.0   (LoRA factors: PEFT's lora_A/lora_B, lora_down/lora_up; not measured)
 matrix          spectral   1.0   (any other matrix)
 embedding       AdamW      -     (nn.Embedding, position embeddings, cls tokens)
 head            AdamW      -     (lm_head, classifier, head; a CNN's final top-level Linear)
 norm, bias      AdamW      -     (LayerNorm/BatchNorm/RMSNorm weights, all biases)
-vector          AdamW      -     (any other parameter with ndim < 2)
+vector          AdamW      -     (any other parameter with ndim < 2, and vectors stored as (d, 1) or
+                                  (1, d) matrices: weight_norm's magnitude, a Linear(1, d))
 ==============  =========  ============================================================
+
+A parametrized weight (``torch.nn.utils.parametrize``: weight_norm, spectral_norm, orthogonal) is classified
+as the weight of the module it parametrizes: its ``original`` (or the ``original<i>`` of the weight's shape)
+gets that module's type.
 
 How a type is recognised (``ParamInfo.how``): module types (convolutions, embeddings, norms,
 nn.MultiheadAttention), naming conventions (GPT-2, Llama, ViT/BERT, nanoGPT), the model's layout (a Linear
@@ -36,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -51,7 +58,15 @@ __all__ = [
 
 # issue 22: attention and MLP-up from the probes' measurements (the paper's 1.0 and 0.5 trained worse);
 # PAPER_ALPHA keeps the first paper's values for comparison (``alpha=PAPER_ALPHA``)
-DEFAULT_ALPHA = {"conv": 2.0, "attention": 1.65, "mlp_up": 2.0, "mlp_down": 1.0, "matrix": 1.0}
+# adapters (LoRA factors): the generic matrix exponent; no probe has measured them
+DEFAULT_ALPHA = {
+    "conv": 2.0,
+    "attention": 1.65,
+    "mlp_up": 2.0,
+    "mlp_down": 1.0,
+    "adapter": 1.0,
+    "matrix": 1.0,
+}
 PAPER_ALPHA = {"conv": 2.0, "attention": 1.0, "mlp_up": 0.5, "mlp_down": 1.0, "matrix": 1.0}
 SPECTRAL_TYPES = tuple(DEFAULT_ALPHA)
 ADAMW_TYPES = ("embedding", "head", "norm", "bias", "vector")
@@ -72,6 +87,8 @@ _MLP_UP = re.compile(
 _MLP_DOWN = re.compile(r"(^|\.)(down_proj|fc2|w2|wo|lin2|dense_4h_to_h)(\.|$)")
 _MLP_SCOPE = re.compile(r"(^|\.)(mlp|ffn|feed_forward|feedforward)(\.|$)", re.IGNORECASE)
 _VIT_OUTPUT = re.compile(r"(^|\.)layer\.\d+\.output\.dense$")
+# PEFT's LoRA (q_proj.lora_A.default.weight, embed_tokens.lora_embedding_A.default), kohya/diffusers' lora_down/up
+_ADAPTER = re.compile(r"(^|\.)(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_down|lora_up)(\.|$)")
 
 
 @dataclass
@@ -119,6 +136,8 @@ def _last_top_level_linear(model: nn.Module) -> str | None:
 def _matrix_type(name: str, module: nn.Module, head_name: str | None) -> tuple[str, str, str]:
     """(layer type, how, reason) of a parameter with ndim >= 2 from its module's type and its name."""
     mod_name = name.rsplit(".", 1)[0] if "." in name else ""
+    if _ADAPTER.search(name):  # before the rest: LoRA factors sit inside q_proj, up_proj, embeddings, convs
+        return "adapter", "name", "LoRA factor name"
     if isinstance(module, nn.modules.conv._ConvNd):
         return "conv", "module", type(module).__name__
     if isinstance(module, nn.Embedding) or "embedding" in type(module).__name__.lower():
@@ -177,11 +196,38 @@ def _is_activation_module(m: nn.Module) -> bool:
 
 def _linear_dims(module: nn.Module, p: torch.Tensor) -> tuple[int, int] | None:
     """(in, out) of a linear map: nn.Linear, or transformers' Conv1D (weight stored as (in, out))."""
-    if isinstance(module, nn.Linear) and p is module.weight:
+    if isinstance(module, nn.Linear) and _is_weight_of(module, p):
         return module.in_features, module.out_features
     if type(module).__name__ == "Conv1D" and p.ndim == 2 and getattr(module, "nf", None) == p.shape[1]:
         return int(p.shape[0]), int(p.shape[1])
     return None
+
+
+def _is_weight_of(module: nn.Module, p: torch.Tensor) -> bool:
+    """``p`` is ``module.weight``, or the parameter behind a parametrized weight (weight_norm's direction,
+    spectral_norm's and orthogonal's original): one of the weight's shape."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return p is module.weight
+    plist = module.parametrizations["weight"]
+    originals = [t for n, t in plist.named_parameters(recurse=False) if n.startswith("original")]
+    return any(p is t for t in originals) and tuple(p.shape) == (module.out_features, module.in_features)
+
+
+def _parametrized_host(model_modules: dict, mod_name: str):
+    """(host module name, host module, tensor name) when ``mod_name`` is the ParametrizationList of
+    ``<host>.parametrizations.<tensor>``, else None."""
+    parts = mod_name.split(".")
+    if len(parts) < 2 or parts[-2] != "parametrizations":
+        return None
+    host_name = ".".join(parts[:-2])
+    host = model_modules.get(host_name)
+    return None if host is None else (host_name, host, parts[-1])
+
+
+def _vector_shaped(p: torch.Tensor) -> bool:
+    """A matrix (ndim >= 2) whose matrix view (shape[0], rest) has one row or one column: its spectral step
+    would be its normalised gradient, not a preconditioned one."""
+    return p.ndim >= 2 and (p.shape[0] == 1 or p.numel() == p.shape[0])
 
 
 def _dims_str(d: tuple[int, int]) -> str:
@@ -471,21 +517,36 @@ def classify_parameters(
     Raises ValueError if some trainable parameter could not be reached through ``named_modules``.
     """
     head_name = _last_top_level_linear(model)
+    modules = dict(model.named_modules())
     seen: dict[int, ParamInfo] = {}
     out: list[ParamInfo] = []
     owner: dict[int, tuple[str, nn.Module]] = {}
     for mod_name, module in model.named_modules():
+        # a parametrized weight's parameters live in <host>.parametrizations.<tensor>: read them as the host's
+        host = (
+            _parametrized_host(modules, mod_name)
+            if isinstance(module, parametrize.ParametrizationList)
+            else None
+        )
         for pname, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
             full = f"{mod_name}.{pname}" if mod_name else pname
-            how, reason = "module", type(module).__name__
+            as_name, as_module, as_mod_name = full, module, mod_name
+            if host is not None:
+                as_mod_name, as_module, tensor = host
+                as_name = f"{as_mod_name}.{tensor}" if as_mod_name else tensor
+            how, reason = "module", type(as_module).__name__
             if p.ndim >= 2:
-                t, how, reason = _matrix_type(full, module, head_name)
-                if mod_name in head_names:
+                t, how, reason = _matrix_type(as_name, as_module, head_name)
+                if as_mod_name in head_names:
                     t, how, reason = "head", "user", "head_names"
                 elif t == "matrix" and p.ndim >= 3:
                     t, how, reason = "conv", "structure", f"kernel-shaped {tuple(p.shape)}"
+                if t in SPECTRAL_TYPES and _vector_shaped(p):
+                    t, how, reason = "vector", "structure", f"a vector stored as shape {tuple(p.shape)}"
+                elif host is not None and t in SPECTRAL_TYPES:
+                    reason = f"{reason}; parametrized {host[2]} of {type(as_module).__name__}"
             elif pname == "bias" or pname.endswith("_bias"):
                 t, how, reason = "bias", "name", "bias"
             elif _is_norm(module):
@@ -494,9 +555,9 @@ def classify_parameters(
                 t, how, reason = "embedding", "name", "embedding-like name"
             else:
                 t, how, reason = "vector", "fallback", "other parameter with ndim < 2"
-            info = ParamInfo(full, p, t, type(module).__name__, how, reason)
+            info = ParamInfo(full, p, t, type(as_module).__name__, how, reason)
             seen[id(p)] = info
-            owner[id(p)] = (mod_name, module)
+            owner[id(p)] = (as_mod_name, as_module)
             out.append(info)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     missing = trainable - set(seen)

@@ -68,7 +68,7 @@ MODES = ("eval", "train", "current")
 KFAC_B = ("empirical", "hessian")
 H_DEFINITIONS = ("rayleigh", "eigen")
 EIGEN_TOL = 1e-4  # relative Lanczos residual for h="eigen" (eigenvalue error ~ tol^2 * ||H|| / gap)
-DEFAULT_LAYER_TYPES = ("conv", "attention", "mlp_up", "mlp_down", "matrix", "head")
+DEFAULT_LAYER_TYPES = ("conv", "attention", "mlp_up", "mlp_down", "adapter", "matrix", "head")
 SCALARS = (
     "alpha",
     "gamma",
