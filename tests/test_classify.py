@@ -392,3 +392,79 @@ def test_lora_factors_are_adapters_wherever_they_sit():
     opt = SpectralNewton.from_model(m, alpha={"adapter": 0.5})
     got = {g["layer_type"]: g["alpha"] for g in opt.param_groups if g["spectral"]}
     assert got == {"attention": 1.65, "mlp_up": 2.0, "adapter": 0.5}
+
+
+def _hf(name):
+    import transformers as T
+
+    small = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100
+    )
+    cfg, cls = {
+        "t5": (
+            T.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=100),
+            T.T5ForConditionalGeneration,
+        ),
+        "distilbert": (
+            T.DistilBertConfig(dim=32, hidden_dim=64, n_layers=1, n_heads=2, vocab_size=100),
+            T.DistilBertModel,
+        ),
+        "falcon": (
+            T.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=100),
+            T.FalconForCausalLM,
+        ),
+        "mixtral": (
+            T.MixtralConfig(**small, num_key_value_heads=1, num_local_experts=2),
+            T.MixtralForCausalLM,
+        ),
+        "mamba": (
+            T.MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=100, state_size=4),
+            T.MambaModel,
+        ),
+        "swin": (
+            T.SwinConfig(
+                image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4
+            ),
+            T.SwinModel,
+        ),
+    }[name]
+    torch.manual_seed(0)
+    return cls(cfg)
+
+
+def test_transformers_architectures_beyond_gpt2_and_vit():
+    """Each was misclassified before: T5's SelfAttention.q/k/v/o and DistilBERT's q_lin.. fell back to the generic
+    matrix, Falcon's multi-query query_key_value too, Swin's relative position bias table (49, heads) and Mamba's
+    A_log got a spectral step, Mamba's in_proj/out_proj got attention's exponent, and Mixtral's fused experts
+    (experts, out, in) were one 'kernel-shaped' matrix over all experts."""
+    t = _types(_hf("t5"))
+    for blk in ("encoder.block.0.layer.0.SelfAttention", "decoder.block.0.layer.1.EncDecAttention"):
+        assert {t[f"{blk}.{x}.weight"] for x in "qkvo"} == {"attention"}, blk
+    t = _types(_hf("distilbert"))
+    assert {t[f"transformer.layer.0.attention.{x}_lin.weight"] for x in ("q", "k", "v", "out")} == {
+        "attention"
+    }
+    assert _types(_hf("falcon"))["transformer.h.0.self_attention.query_key_value.weight"] == "attention"
+    t = _types(_hf("swin"))
+    tables = [n for n in t if n.endswith("relative_position_bias_table")]
+    assert tables and {t[n] for n in tables} == {"embedding"}
+    t = _types(_hf("mamba"))
+    mixer = "layers.0.mixer"
+    assert t[f"{mixer}.A_log"] == "vector"
+    assert t[f"{mixer}.in_proj.weight"] == "matrix" and t[f"{mixer}.out_proj.weight"] == "matrix"
+    model = _hf("mixtral")
+    with pytest.warns(UserWarning, match=r"fused MoE expert weights .* are stepped with AdamW"):
+        opt = SpectralNewton.from_model(model, lr=1e-3)
+    types = {n: g["layer_type"] for g in opt.param_groups for n in g["param_names"]}
+    params = dict(model.named_parameters())
+    experts = [n for n in types if ".experts." in n]
+    assert experts
+    for n in experts:  # fused (experts, out, in): AdamW; separate expert Linears: the spectral MLP types
+        assert types[n] == ("experts" if params[n].ndim == 3 else types[n]), n
+        assert params[n].ndim == 2 or types[n] == "experts"
+    assert not any(params[n].ndim == 3 for g in opt.param_groups if g["spectral"] for n in g["param_names"])
+    x = torch.randint(0, 100, (2, 8))
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    fused = [n for n in experts if params[n].ndim == 3]
+    assert all("exp_avg" in opt.state[params[n]] for n in fused)

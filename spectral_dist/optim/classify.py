@@ -16,7 +16,9 @@ mlp_up          spectral   2.0   (up/gate projections, fc1, c_fc, ViT intermedia
 mlp_down        spectral   1.0   (down projections, fc2, GPT-2 mlp.c_proj, ViT output)
 adapter         spectral   1.0   (LoRA factors: PEFT's lora_A/lora_B, lora_down/lora_up; not measured)
 matrix          spectral   1.0   (any other matrix)
-embedding       AdamW      -     (nn.Embedding, position embeddings, cls tokens)
+embedding       AdamW      -     (nn.Embedding, position embeddings, cls tokens, relative position bias tables)
+experts         AdamW      -     (fused MoE expert weights (experts, out, in): per-expert spectral steps are not
+                                  supported yet, and one matrix over all experts would be wrong)
 head            AdamW      -     (lm_head, classifier, head; a CNN's final top-level Linear)
 norm, bias      AdamW      -     (LayerNorm/BatchNorm/RMSNorm weights, all biases)
 vector          AdamW      -     (any other parameter with ndim < 2, and vectors stored as (d, 1) or
@@ -52,6 +54,7 @@ __all__ = [
     "ParamInfo",
     "classify_parameters",
     "classification_table",
+    "experts_warning",
     "fallback_warning",
     "resolve_alpha_map",
 ]
@@ -69,18 +72,32 @@ DEFAULT_ALPHA = {
 }
 PAPER_ALPHA = {"conv": 2.0, "attention": 1.0, "mlp_up": 0.5, "mlp_down": 1.0, "matrix": 1.0}
 SPECTRAL_TYPES = tuple(DEFAULT_ALPHA)
-ADAMW_TYPES = ("embedding", "head", "norm", "bias", "vector")
+ADAMW_TYPES = ("embedding", "experts", "head", "norm", "bias", "vector")
 
 _HEAD = re.compile(r"(^|\.)(lm_head|classifier|head|heads|output_layer|fc_out|score)(\.|$)")
 _EMBED = re.compile(
-    r"(^|\.)(wte|wpe|embed\w*|embeddings?|pos_emb\w*|tok_emb\w*|position_\w*|cls_token|mask_token)(\.|$)"
+    r"(^|\.)(wte|wpe|embed\w*|embeddings?|pos_emb\w*|tok_emb\w*|position_\w*|cls_token|mask_token|"
+    r"relative_position\w*|rel_pos\w*)(\.|$)"
 )
 _ATTN_PROJ = re.compile(
-    r"(^|\.)(q_proj|k_proj|v_proj|o_proj|out_proj|qkv|qkv_proj|wqkv|query|key|value|c_attn|in_proj\w*|"
+    r"(^|\.)(q_proj|k_proj|v_proj|o_proj|qkv|qkv_proj|wqkv|query|key|value|query_key_value|c_attn|"
     r"to_q|to_k|to_v|to_out|wq|wk|wv|wo_attn)(\.|$)",
     re.IGNORECASE,
 )
-_ATTN_SCOPE = re.compile(r"(^|\.)(attn|attention|self_attn|self_attention|mha)(\.|$)", re.IGNORECASE)
+# in_proj / out_proj also name the projections of non-attention blocks (Mamba's mixer): attention only inside an
+# attention scope or an nn.MultiheadAttention
+_ATTN_PROJ_SCOPED = re.compile(r"(^|\.)(in_proj\w*|out_proj)(\.|$)")
+_ATTN_SCOPE = re.compile(
+    r"(^|\.)(attn|attention|self_attn|self_attention|mha|SelfAttention|EncDecAttention|cross_attn|"
+    r"cross_attention|encoder_attn)(\.|$)",
+    re.IGNORECASE,
+)
+# q/k/v/output projections named only by a letter or suffix inside an attention scope (T5's SelfAttention.q,
+# DistilBERT's attention.q_lin)
+_ATTN_SCOPED_NAME = re.compile(r"(^|\.)(c_proj|proj|dense|out|o|q|k|v|q_lin|k_lin|v_lin|out_lin)$")
+_EXPERTS = re.compile(r"(^|\.)experts(\.|$)")
+# Mamba's state-space parameters: (d_inner, d_state) tables, not linear maps
+_SSM_PARAMS = ("A_log", "A")
 _MLP_UP = re.compile(
     r"(^|\.)(up_proj|gate_proj|gate_up_proj|fc1|c_fc|w1|w3|wi|lin1|intermediate|dense_h_to_4h)(\.|$)"
 )
@@ -133,11 +150,28 @@ def _last_top_level_linear(model: nn.Module) -> str | None:
     return last if last is not None and "." not in last else None
 
 
-def _matrix_type(name: str, module: nn.Module, head_name: str | None) -> tuple[str, str, str]:
-    """(layer type, how, reason) of a parameter with ndim >= 2 from its module's type and its name."""
+def _matrix_type(
+    name: str, module: nn.Module, head_name: str | None, parent: nn.Module | None = None, p=None
+) -> tuple[str, str, str]:
+    """(layer type, how, reason) of a parameter with ndim >= 2 from its module's type and its name
+    (``parent``: the module's parent, ``p``: the parameter, for the rules that need them)."""
     mod_name = name.rsplit(".", 1)[0] if "." in name else ""
+    pname = name.rsplit(".", 1)[-1]
     if _ADAPTER.search(name):  # before the rest: LoRA factors sit inside q_proj, up_proj, embeddings, convs
         return "adapter", "name", "LoRA factor name"
+    if (
+        p is not None
+        and p.ndim == 3
+        and not isinstance(module, nn.modules.conv._ConvNd)
+        and (_EXPERTS.search(name) or getattr(module, "num_experts", None) == p.shape[0])
+    ):
+        return (
+            "experts",
+            "structure",
+            f"fused MoE expert weights, {p.shape[0]} experts: AdamW (see module docs)",
+        )
+    if pname in _SSM_PARAMS and not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return "vector", "name", "state-space parameter (Mamba's A_log)"
     if isinstance(module, nn.modules.conv._ConvNd):
         return "conv", "module", type(module).__name__
     if isinstance(module, nn.Embedding) or "embedding" in type(module).__name__.lower():
@@ -150,10 +184,13 @@ def _matrix_type(name: str, module: nn.Module, head_name: str | None) -> tuple[s
         return "head", "structure", "the model's last top-level Linear"
     if isinstance(module, nn.MultiheadAttention):
         return "attention", "module", "nn.MultiheadAttention"
-    if _ATTN_PROJ.search(mod_name):
+    if _ATTN_PROJ.search(mod_name) or (
+        _ATTN_PROJ_SCOPED.search(mod_name)
+        and (_ATTN_SCOPE.search(mod_name) or isinstance(parent, nn.MultiheadAttention))
+    ):
         return "attention", "name", "q/k/v/out projection name"
-    if _ATTN_SCOPE.search(mod_name) and re.search(r"(^|\.)(c_proj|proj|dense|out|o)$", mod_name):
-        return "attention", "name", "output projection inside an attention module"
+    if _ATTN_SCOPE.search(mod_name) and _ATTN_SCOPED_NAME.search(mod_name):
+        return "attention", "name", "projection inside an attention module"
     if _MLP_UP.search(mod_name):
         return "mlp_up", "name", "up/gate projection name"
     if _MLP_DOWN.search(mod_name) or _VIT_OUTPUT.search(mod_name):
@@ -538,7 +575,10 @@ def classify_parameters(
                 as_name = f"{as_mod_name}.{tensor}" if as_mod_name else tensor
             how, reason = "module", type(as_module).__name__
             if p.ndim >= 2:
-                t, how, reason = _matrix_type(as_name, as_module, head_name)
+                parent = modules.get(as_mod_name.rsplit(".", 1)[0] if "." in as_mod_name else "")
+                t, how, reason = _matrix_type(
+                    as_name, as_module, head_name, parent if as_mod_name else None, p
+                )
                 if as_mod_name in head_names:
                     t, how, reason = "head", "user", "head_names"
                 elif t == "matrix" and p.ndim >= 3:
@@ -603,6 +643,21 @@ def fallback_warning(infos: list[ParamInfo]) -> str | None:
         f"(alpha {DEFAULT_ALPHA['matrix']:g} under alpha='by_layer'). Pass example_input=<a batch> to classify "
         "them from a traced forward, an alpha mapping or number to set them yourself, or verbose=True to see "
         "the table"
+    )
+
+
+def experts_warning(infos: list[ParamInfo]) -> str | None:
+    """A warning when fused MoE expert weights were found: they are stepped with AdamW, not spectrally."""
+    experts = [i for i in infos if i.layer_type == "experts"]
+    if not experts:
+        return None
+    names = ", ".join(f"{i.name} {tuple(i.param.shape)}" for i in experts[:2]) + (
+        ", ..." if len(experts) > 2 else ""
+    )
+    return (
+        f"{len(experts)} fused MoE expert weights ({names}) are stepped with AdamW: SpectralNewton would treat "
+        "each as one matrix over all its experts, and per-expert spectral steps are not supported yet. Models "
+        "whose experts are separate Linear modules (an nn.ModuleList) get the spectral step per expert"
     )
 
 

@@ -32,6 +32,7 @@ from .classify import (
     DEFAULT_ALPHA,
     classification_table,
     classify_parameters,
+    experts_warning,
     fallback_warning,
     resolve_alpha_map,
 )
@@ -303,6 +304,9 @@ class SpectralNewton(torch.optim.Optimizer):
             msg = fallback_warning(infos)
             if msg is not None:
                 warnings.warn(f"SpectralNewton.from_model: {msg}", UserWarning, stacklevel=2)
+        msg = experts_warning(infos)
+        if msg is not None:
+            warnings.warn(f"SpectralNewton.from_model: {msg}", UserWarning, stacklevel=2)
         by_type: dict[str, list] = {}
         for i in infos:
             by_type.setdefault(i.layer_type, []).append(i)
