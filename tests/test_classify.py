@@ -436,7 +436,7 @@ def test_transformers_architectures_beyond_gpt2_and_vit():
     """Each was misclassified before: T5's SelfAttention.q/k/v/o and DistilBERT's q_lin.. fell back to the generic
     matrix, Falcon's multi-query query_key_value too, Swin's relative position bias table (49, heads) and Mamba's
     A_log got a spectral step, Mamba's in_proj/out_proj got attention's exponent, and Mixtral's fused experts
-    (experts, out, in) were one 'kernel-shaped' matrix over all experts."""
+    (experts, out, in) were one 'kernel-shaped' matrix over all experts (now one matrix per expert)."""
     t = _types(_hf("t5"))
     for blk in ("encoder.block.0.layer.0.SelfAttention", "decoder.block.0.layer.1.EncDecAttention"):
         assert {t[f"{blk}.{x}.weight"] for x in "qkvo"} == {"attention"}, blk
@@ -453,18 +453,18 @@ def test_transformers_architectures_beyond_gpt2_and_vit():
     assert t[f"{mixer}.A_log"] == "vector"
     assert t[f"{mixer}.in_proj.weight"] == "matrix" and t[f"{mixer}.out_proj.weight"] == "matrix"
     model = _hf("mixtral")
-    with pytest.warns(UserWarning, match=r"fused MoE expert weights .* are stepped with AdamW"):
-        opt = SpectralNewton.from_model(model, lr=1e-3)
-    types = {n: g["layer_type"] for g in opt.param_groups for n in g["param_names"]}
+    opt = SpectralNewton.from_model(model, lr=1e-3)
     params = dict(model.named_parameters())
-    experts = [n for n in types if ".experts." in n]
+    by_name = {n: g for g in opt.param_groups for n in g["param_names"]}
+    experts = [n for n in by_name if ".experts." in n]
     assert experts
-    for n in experts:  # fused (experts, out, in): AdamW; separate expert Linears: the spectral MLP types
-        assert types[n] == ("experts" if params[n].ndim == 3 else types[n]), n
-        assert params[n].ndim == 2 or types[n] == "experts"
-    assert not any(params[n].ndim == 3 for g in opt.param_groups if g["spectral"] for n in g["param_names"])
+    for (
+        n
+    ) in experts:  # fused (experts, out, in): their MLP type, one matrix per expert; separate Linears: 2-D
+        g = by_name[n]
+        assert g["spectral"] and g["layer_type"] in ("mlp_up", "mlp_down"), n
+        assert g["batch_dims"] == (1 if params[n].ndim == 3 else 0), n
     x = torch.randint(0, 100, (2, 8))
     model(input_ids=x, labels=x).loss.backward()
     opt.step()
-    fused = [n for n in experts if params[n].ndim == 3]
-    assert all("exp_avg" in opt.state[params[n]] for n in fused)
+    assert all("momentum_buffer" in opt.state[params[n]] for n in experts)

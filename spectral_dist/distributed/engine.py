@@ -85,11 +85,12 @@ class ParamSlot:
     """A parameter as the engine sees it: key, group index (the group dict is looked up live every step),
     kind ("matrix" or "vector"), its matrix view shape, its layout, and accessors to this rank's elements."""
 
-    __slots__ = ("opt", "key", "gi", "param", "kind", "mshape", "layout")
+    __slots__ = ("opt", "key", "gi", "param", "kind", "mshape", "layout", "shape")
 
     def __init__(self, opt, key: str, gi: int, param: torch.Tensor, kind: str, layout: MatrixLayout):
         self.opt, self.key, self.gi, self.param, self.kind, self.layout = opt, key, gi, param, kind, layout
         shape = tuple(layout.shape)
+        self.shape = shape  # the parameter's (global) shape
         self.mshape = (shape[0], layout.numel // max(1, shape[0])) if len(shape) >= 2 else (layout.numel,)
 
     @property
@@ -479,7 +480,7 @@ class OwnerEngine:
             jobs.append(
                 ms.DirectionJob(
                     s.key,
-                    full[s.key].view(s.mshape),
+                    full[s.key].view(ms.job_shape(s)),
                     s.group,
                     opt.resolve_alpha_meta(meta, s.group),
                     meta.get("tracked"),
@@ -627,7 +628,8 @@ class ShardLocalEngine(OwnerEngine):
             if M is None or M.numel() == 0:
                 res = ms.DirectionResult(ms.OK, None)
             else:
-                rows = M.numel() // s.mshape[1]
+                js = ms.job_shape(s)  # (m, n), or (count, m, n) for a stack of matrices: blocks of whole ones
+                rows = M.numel() // math.prod(js[1:])
                 meta = s.meta()
                 stateless = ms.slot_method(opt, s, stateless=True)  # "auto": no per-block basis
                 grp = s.group if stateless == ms.slot_method(opt, s) else dict(s.group, basis=stateless)
@@ -635,7 +637,7 @@ class ShardLocalEngine(OwnerEngine):
                     [
                         ms.DirectionJob(
                             s.key,
-                            M.view(rows, s.mshape[1]),
+                            M.view(rows, *js[1:]),
                             grp,
                             opt.resolve_alpha_meta(meta, s.group),
                             None,

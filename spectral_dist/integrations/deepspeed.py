@@ -277,12 +277,13 @@ class ZeroSlot:
     partition like DeepSpeed's own optimizers; per-parameter state (counters, tracked basis) in
     ``state[partition]["params"][name]``, identical on every rank."""
 
-    __slots__ = ("opt", "key", "gi", "flat", "fo", "n", "param", "kind", "mshape", "layout")
+    __slots__ = ("opt", "key", "gi", "flat", "fo", "n", "param", "kind", "mshape", "layout", "shape")
     _BUFFER = {"momentum_buffer": "exp_avg", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
 
-    def __init__(self, opt, key, gi, flat, fo, n, param, kind, mshape, layout):
+    def __init__(self, opt, key, gi, flat, fo, n, param, kind, mshape, layout, shape=None):
         self.opt, self.key, self.gi, self.flat, self.fo, self.n = opt, key, gi, flat, fo, n
         self.param, self.kind, self.mshape, self.layout = param, kind, mshape, layout
+        self.shape = mshape if shape is None else shape  # the parameter's own shape (ZeRO-3 empties param)
 
     @property
     def group(self) -> dict:
@@ -362,7 +363,17 @@ class _ZeroEngine(OwnerEngine):
 def _zero_slot(opt, e: dict, gi: int) -> ZeroSlot:
     """The slot of a ZeRO layout entry, in param group ``gi`` of the list the optimizer holds now."""
     return ZeroSlot(
-        opt, e["key"], gi, e["flat"], e["fo"], e["n"], e["param"], e["kind"], e["mshape"], e["layout"]
+        opt,
+        e["key"],
+        gi,
+        e["flat"],
+        e["fo"],
+        e["n"],
+        e["param"],
+        e["kind"],
+        e["mshape"],
+        e["layout"],
+        e["shape"],
     )
 
 
@@ -557,6 +568,7 @@ def _build_zero_layout(opt: ZeroSpectralNewton, zopt) -> _ZeroLayout:
                 kind="matrix" if opt.is_matrix(p, group) else "vector",
                 mshape=mshape,
                 layout=layout,
+                shape=tuple(int(d) for d in shape),
             )
             entries.append(e)
             mine.append(e)

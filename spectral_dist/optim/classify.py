@@ -17,13 +17,15 @@ mlp_down        spectral   1.0   (down projections, fc2, GPT-2 mlp.c_proj, ViT o
 adapter         spectral   1.0   (LoRA factors: PEFT's lora_A/lora_B, lora_down/lora_up; not measured)
 matrix          spectral   1.0   (any other matrix)
 embedding       AdamW      -     (nn.Embedding, position embeddings, cls tokens, relative position bias tables)
-experts         AdamW      -     (fused MoE expert weights (experts, out, in): per-expert spectral steps are not
-                                  supported yet, and one matrix over all experts would be wrong)
 head            AdamW      -     (lm_head, classifier, head; a CNN's final top-level Linear)
 norm, bias      AdamW      -     (LayerNorm/BatchNorm/RMSNorm weights, all biases)
 vector          AdamW      -     (any other parameter with ndim < 2, and vectors stored as (d, 1) or
                                   (1, d) matrices: weight_norm's magnitude, a Linear(1, d))
 ==============  =========  ============================================================
+
+Fused MoE expert weights (experts, out, in), as in transformers' Mixtral (``mlp.experts.gate_up_proj``), get the
+type their name says (``mlp_up``, ``mlp_down``, else ``matrix``) and ``batch_dims=1``: one spectral step per expert,
+batched (``ParamInfo.batch_dims``; ``from_model`` puts them in groups of their own).
 
 A parametrized weight (``torch.nn.utils.parametrize``: weight_norm, spectral_norm, orthogonal) is classified
 as the weight of the module it parametrizes: its ``original`` (or the ``original<i>`` of the weight's shape)
@@ -54,7 +56,6 @@ __all__ = [
     "ParamInfo",
     "classify_parameters",
     "classification_table",
-    "experts_warning",
     "fallback_warning",
     "resolve_alpha_map",
 ]
@@ -72,7 +73,7 @@ DEFAULT_ALPHA = {
 }
 PAPER_ALPHA = {"conv": 2.0, "attention": 1.0, "mlp_up": 0.5, "mlp_down": 1.0, "matrix": 1.0}
 SPECTRAL_TYPES = tuple(DEFAULT_ALPHA)
-ADAMW_TYPES = ("embedding", "experts", "head", "norm", "bias", "vector")
+ADAMW_TYPES = ("embedding", "head", "norm", "bias", "vector")
 
 _HEAD = re.compile(r"(^|\.)(lm_head|classifier|head|heads|output_layer|fc_out|score)(\.|$)")
 _EMBED = re.compile(
@@ -125,6 +126,7 @@ class ParamInfo:
     module_type: str
     how: str = "name"
     reason: str = ""
+    batch_dims: int = 0  # 1: a stack of matrices (fused MoE experts), stepped one matrix per expert
 
     @property
     def spectral(self) -> bool:
@@ -159,17 +161,6 @@ def _matrix_type(
     pname = name.rsplit(".", 1)[-1]
     if _ADAPTER.search(name):  # before the rest: LoRA factors sit inside q_proj, up_proj, embeddings, convs
         return "adapter", "name", "LoRA factor name"
-    if (
-        p is not None
-        and p.ndim == 3
-        and not isinstance(module, nn.modules.conv._ConvNd)
-        and (_EXPERTS.search(name) or getattr(module, "num_experts", None) == p.shape[0])
-    ):
-        return (
-            "experts",
-            "structure",
-            f"fused MoE expert weights, {p.shape[0]} experts: AdamW (see module docs)",
-        )
     if pname in _SSM_PARAMS and not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
         return "vector", "name", "state-space parameter (Mamba's A_log)"
     if isinstance(module, nn.modules.conv._ConvNd):
@@ -259,6 +250,14 @@ def _parametrized_host(model_modules: dict, mod_name: str):
     host_name = ".".join(parts[:-2])
     host = model_modules.get(host_name)
     return None if host is None else (host_name, host, parts[-1])
+
+
+def _fused_experts(name: str, module: nn.Module, p: torch.Tensor) -> bool:
+    """A 3-D weight (experts, out, in) of a fused MoE layer: under an ``experts`` module (transformers' Mixtral,
+    Qwen-MoE, DeepSeek) or of a module whose ``num_experts`` is its first dim."""
+    if p.ndim != 3 or isinstance(module, nn.modules.conv._ConvNd):
+        return False
+    return bool(_EXPERTS.search(name)) or getattr(module, "num_experts", None) == p.shape[0]
 
 
 def _vector_shaped(p: torch.Tensor) -> bool:
@@ -574,7 +573,18 @@ def classify_parameters(
                 as_mod_name, as_module, tensor = host
                 as_name = f"{as_mod_name}.{tensor}" if as_mod_name else tensor
             how, reason = "module", type(as_module).__name__
-            if p.ndim >= 2:
+            bdims = 0
+            if p.ndim >= 2 and _fused_experts(as_name, as_module, p) and not _ADAPTER.search(as_name):
+                t = (
+                    "mlp_up"
+                    if _MLP_UP.search(as_name)
+                    else "mlp_down"
+                    if _MLP_DOWN.search(as_name)
+                    else "matrix"
+                )
+                how, bdims = "structure", 1
+                reason = f"fused MoE experts: {p.shape[0]} matrices {tuple(p.shape[1:])}, one step each"
+            elif p.ndim >= 2:
                 parent = modules.get(as_mod_name.rsplit(".", 1)[0] if "." in as_mod_name else "")
                 t, how, reason = _matrix_type(
                     as_name, as_module, head_name, parent if as_mod_name else None, p
@@ -595,7 +605,7 @@ def classify_parameters(
                 t, how, reason = "embedding", "name", "embedding-like name"
             else:
                 t, how, reason = "vector", "fallback", "other parameter with ndim < 2"
-            info = ParamInfo(full, p, t, type(as_module).__name__, how, reason)
+            info = ParamInfo(full, p, t, type(as_module).__name__, how, reason, bdims)
             seen[id(p)] = info
             owner[id(p)] = (as_mod_name, as_module)
             out.append(info)
@@ -643,21 +653,6 @@ def fallback_warning(infos: list[ParamInfo]) -> str | None:
         f"(alpha {DEFAULT_ALPHA['matrix']:g} under alpha='by_layer'). Pass example_input=<a batch> to classify "
         "them from a traced forward, an alpha mapping or number to set them yourself, or verbose=True to see "
         "the table"
-    )
-
-
-def experts_warning(infos: list[ParamInfo]) -> str | None:
-    """A warning when fused MoE expert weights were found: they are stepped with AdamW, not spectrally."""
-    experts = [i for i in infos if i.layer_type == "experts"]
-    if not experts:
-        return None
-    names = ", ".join(f"{i.name} {tuple(i.param.shape)}" for i in experts[:2]) + (
-        ", ..." if len(experts) > 2 else ""
-    )
-    return (
-        f"{len(experts)} fused MoE expert weights ({names}) are stepped with AdamW: SpectralNewton would treat "
-        "each as one matrix over all its experts, and per-expert spectral steps are not supported yet. Models "
-        "whose experts are separate Linear modules (an nn.ModuleList) get the spectral step per expert"
     )
 
 

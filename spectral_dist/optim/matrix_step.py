@@ -48,6 +48,8 @@ __all__ = [
     "BATCH_MB",
     "basis_shape",
     "batch_chunks",
+    "job_method",
+    "job_shape",
     "method_cost",
     "method_flops",
     "method_of",
@@ -141,6 +143,24 @@ def method_of(group: Mapping, alpha: float, device) -> str:
     return auto_method(float(alpha), float(group["damping"]), device) if b == "auto" else b
 
 
+def job_shape(slot) -> tuple[int, ...]:
+    """The shape the owner preconditions a slot's matrix as: its matrix view (m, n), or (count, m, n) for a
+    group with ``batch_dims`` = k > 0 (a stack of matrices: the leading k dims of the parameter's shape)."""
+    k = int(slot.group.get("batch_dims", 0))
+    if k == 0 or slot.kind != "matrix":
+        return slot.mshape
+    shape = tuple(int(d) for d in slot.shape)
+    return (math.prod(shape[:k]), shape[k], math.prod(shape[k + 1 :]))
+
+
+def job_method(group: Mapping, alpha: float, M: torch.Tensor) -> str:
+    """:func:`method_of` for an owner's input M: a stack of matrices (M.ndim > 2, ``batch_dims``) keeps no
+    per-matrix basis, so where ``"auto"`` picks a stateful one it runs ``"gram"`` (validation refuses a named
+    stateful basis there)."""
+    m = method_of(group, alpha, M.device)
+    return "gram" if M.ndim > 2 and m in STATEFUL else m
+
+
 def slot_method(opt, slot, stateless: bool = False, meta: Mapping | None = None) -> str:
     """:func:`method_of` for an engine slot (alpha resolved from its state; the same on every rank).
     ``stateless=True``: where ``"auto"`` would pick a stateful basis, ``"gram"`` (for engines that keep no
@@ -149,13 +169,16 @@ def slot_method(opt, slot, stateless: bool = False, meta: Mapping | None = None)
     g = slot.group
     meta = slot.meta() if meta is None else meta
     m = method_of(g, opt.resolve_alpha_meta(meta, g), slot.local().device)
+    stateless = stateless or (slot.kind == "matrix" and int(g.get("batch_dims", 0)) > 0)
     return "gram" if stateless and m in STATEFUL and g["basis"] == "auto" else m
 
 
 def slot_cost(opt, slot, meta: Mapping | None = None) -> int:
     """What an owner plan weighs a slot's matrix by: :func:`method_cost` of its method (:func:`slot_method`)
     and its group's ``jacobi_steps``."""
-    return method_cost(slot.mshape, slot_method(opt, slot, meta=meta), slot.group["jacobi_steps"])
+    shape = job_shape(slot)
+    count = shape[0] if len(shape) == 3 else 1  # a stack of matrices (batch_dims): each one costs
+    return count * method_cost(shape[-2:], slot_method(opt, slot, meta=meta), slot.group["jacobi_steps"])
 
 
 def _matmul_dtype(group: Mapping, method: str, X: torch.Tensor):
@@ -224,25 +247,31 @@ def _one(job: DirectionJob, method: str | None = None) -> DirectionResult:
     """One matrix, with the fallback rules (tracked basis: previous basis; others: skip; then raise).
     Checked and retried in float64 (host syncs): the path of stateful bases and of failed batches."""
     g = job.group
-    method = method_of(g, job.alpha, job.M.device) if method is None else method
+    method = job_method(g, job.alpha, job.M) if method is None else method
     counter: dict = {}
     tracked = None
     if method in STATEFUL:
         tracked = dict(job.tracked or {})  # a copy: every rank applies the new basis from the result
     try:
-        D = spectral_direction(
-            job.M,
-            job.alpha,
-            g["damping"],
-            method,
-            state=tracked,
-            rank=g["rank"],
-            refresh_every=g["refresh_every"],
-            ns_steps=g["ns_steps"],
-            jacobi_steps=g["jacobi_steps"],
-            counter=counter,
-            check_finite=False,  # the engine skipped non-finite gradients before the momentum
-        )
+        # a stack of matrices (batch_dims, stateless methods only) one by one: any failure is the parameter's
+        Ms = job.M.reshape(-1, *job.M.shape[-2:]).unbind(0) if job.M.ndim > 2 else [job.M]
+        Ds = [
+            spectral_direction(
+                M,
+                job.alpha,
+                g["damping"],
+                method,
+                state=tracked,
+                rank=g["rank"],
+                refresh_every=g["refresh_every"],
+                ns_steps=g["ns_steps"],
+                jacobi_steps=g["jacobi_steps"],
+                counter=counter,
+                check_finite=False,  # the engine skipped non-finite gradients before the momentum
+            )
+            for M in Ms
+        ]
+        D = torch.stack(Ds).view_as(job.M) if job.M.ndim > 2 else Ds[0]
     except DecompositionError as e:
         retries = counter.get("retries", 0)
         if job.consecutive_failures + 1 >= MAX_DECOMPOSITION_FAILURES:
@@ -350,7 +379,7 @@ def _launch(
     batches: dict[tuple, list[DirectionJob]] = {}
     methods: dict[tuple, str] = {}
     for job in jobs:
-        method = method_of(job.group, job.alpha, job.M.device)
+        method = job_method(job.group, job.alpha, job.M)
         if method == "eigenbasis":  # batched too: same shape, options and phase (init / step count)
             key = ("eigenbasis", *_batch_key(job, method), *_phase(job))
         elif method in STATEFUL:
@@ -394,7 +423,8 @@ def _launch(
                 for job in bjobs:
                     out[job.key] = _one(job, method)
                 continue
-            pending.append((bjobs, scale_directions(Ds, g), ok.reshape(-1), None, 0))
+            # one flag per job: a stack of matrices (batch_dims) is finite when all of its matrices are
+            pending.append((bjobs, scale_directions(Ds, g), ok.reshape(len(bjobs), -1).all(-1), None, 0))
         except Exception as e:  # noqa: BLE001 - reported to every rank, raised everywhere
             for job in bjobs:
                 if job.key not in out:

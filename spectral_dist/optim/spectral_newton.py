@@ -32,7 +32,6 @@ from .classify import (
     DEFAULT_ALPHA,
     classification_table,
     classify_parameters,
-    experts_warning,
     fallback_warning,
     resolve_alpha_map,
 )
@@ -134,6 +133,15 @@ def validate_group(g: Mapping) -> None:
     _check_nonneg("rms_target", g["rms_target"])
     if g["spectral"] not in (None, True, False):
         raise ValueError(f"spectral must be None (by ndim), True or False, got {g['spectral']!r}")
+    k = g.get("batch_dims", 0)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"batch_dims must be an integer >= 0, got {k!r}")
+    if k and g["basis"] in STATEFUL:
+        raise ValueError(
+            f"batch_dims={k} (a stack of matrices, such as fused MoE experts) needs a basis kept by no state: "
+            f"basis={g['basis']!r} keeps one per matrix; use 'auto' (its eigenbasis becomes 'gram' there), "
+            "'gram', 'svd', 'cholesky', 'polar_express' or 'newton_schulz'"
+        )
 
 
 class SpectralNewton(torch.optim.Optimizer):
@@ -178,6 +186,10 @@ class SpectralNewton(torch.optim.Optimizer):
         adamw_betas, adamw_eps, adamw_weight_decay: AdamW options for non-matrix parameters.
         rms_target: update RMS for ``scale="rms"``.
         ns_steps: Newton-Schulz / Polar Express iterations.
+        batch_dims: how many leading dims of a parameter index separate matrices: 0 (default) steps each
+            parameter as one matrix (a conv kernel as (out, in * k...)); 1 steps a fused MoE expert weight
+            (experts, out, in) as one matrix per expert, batched (``from_model`` sets it for fused experts).
+            Such groups use the stateless bases (``"auto"`` picks ``"gram"`` where it would keep an eigenbasis).
         max_consecutive_skips: a parameter whose gradient is non-finite this many steps in a row raises
             :class:`NonFiniteGradientError` (its earlier non-finite steps are skipped and counted).
         master_weights: keep an fp32 master copy (4 bytes per element, in the state as ``master``) of bf16 /
@@ -220,6 +232,7 @@ class SpectralNewton(torch.optim.Optimizer):
         *,
         rms_target: float = 0.2,
         ns_steps: int = 5,
+        batch_dims: int = 0,
         max_consecutive_skips: int = 10,
         master_weights: bool = True,
         max_batch_mb: float | None = ms.BATCH_MB,
@@ -244,6 +257,7 @@ class SpectralNewton(torch.optim.Optimizer):
             adamw_weight_decay=adamw_weight_decay,
             rms_target=rms_target,
             ns_steps=ns_steps,
+            batch_dims=batch_dims,
             spectral=None,
             layer_type=None,
         )
@@ -304,15 +318,14 @@ class SpectralNewton(torch.optim.Optimizer):
             msg = fallback_warning(infos)
             if msg is not None:
                 warnings.warn(f"SpectralNewton.from_model: {msg}", UserWarning, stacklevel=2)
-        msg = experts_warning(infos)
-        if msg is not None:
-            warnings.warn(f"SpectralNewton.from_model: {msg}", UserWarning, stacklevel=2)
-        by_type: dict[str, list] = {}
-        for i in infos:
-            by_type.setdefault(i.layer_type, []).append(i)
+        by_type: dict[tuple, list] = {}
+        for i in infos:  # fused MoE experts (batch_dims 1) in groups of their own
+            by_type.setdefault((i.layer_type, i.batch_dims), []).append(i)
         groups = []
-        for t, items in by_type.items():
+        for (t, bdims), items in by_type.items():
             g = {"params": [i.param for i in items], "param_names": [i.name for i in items], "layer_type": t}
+            if bdims:
+                g["batch_dims"] = bdims
             if t in amap:
                 g["alpha"] = amap[t]
                 g["spectral"] = True
@@ -342,6 +355,13 @@ class SpectralNewton(torch.optim.Optimizer):
                         "(its transposes and norms are those of real matrices, and a complex gradient would be "
                         "cast to real); keep a complex weight as two real parameters (torch.view_as_real) or give "
                         "it another optimizer"
+                    )
+                k = g.get("batch_dims", 0)
+                if k and p.ndim >= 2 and g["spectral"] is not False and p.ndim < k + 2:
+                    what = f"parameter {name!r}" if name else f"a parameter of shape {tuple(p.shape)}"
+                    raise ValueError(
+                        f"batch_dims={k} needs parameters with at least {k + 2} dims (a stack of matrices); "
+                        f"{what} has shape {tuple(p.shape)}: put it in a group with batch_dims=0"
                     )
                 if g["spectral"] is True and p.ndim < 2:
                     raise ValueError(

@@ -1,0 +1,159 @@
+"""Fused MoE expert weights (experts, out, in): one spectral step per expert (``batch_dims=1``), equal to the same
+experts held as separate Linear modules, and to the float64 SVD reference per expert."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from spectral_dist import SpectralNewton, spectral_direction
+from spectral_dist.optim.classify import classify_parameters
+
+E, D, H = 3, 8, 16
+
+
+class FusedMoE(nn.Module):
+    """Every token through every expert (a dense mixture keeps the test about the optimizer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.Module()
+        self.experts.up_proj = nn.Parameter(torch.randn(E, H, D) / D**0.5)
+        self.experts.down_proj = nn.Parameter(torch.randn(E, D, H) / H**0.5)
+        self.head = nn.Linear(D, 2)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(torch.einsum("bd,ehd->ebh", x, self.experts.up_proj))
+        return self.head(torch.einsum("ebh,edh->bd", h, self.experts.down_proj))
+
+
+class SplitMoE(nn.Module):
+    def __init__(self, fused: FusedMoE):
+        super().__init__()
+        self.experts = nn.ModuleList()
+        for e in range(E):
+            ex = nn.Module()
+            ex.up_proj = nn.Linear(D, H, bias=False)
+            ex.down_proj = nn.Linear(H, D, bias=False)
+            with torch.no_grad():
+                ex.up_proj.weight.copy_(fused.experts.up_proj[e])
+                ex.down_proj.weight.copy_(fused.experts.down_proj[e])
+            self.experts.append(ex)
+        self.head = nn.Linear(D, 2)
+        self.head.load_state_dict(fused.head.state_dict())
+
+    def forward(self, x):
+        return self.head(sum(ex.down_proj(torch.nn.functional.gelu(ex.up_proj(x))) for ex in self.experts))
+
+
+def test_fused_experts_are_classified_per_expert():
+    infos = {i.name: i for i in classify_parameters(FusedMoE())}
+    up, down = infos["experts.up_proj"], infos["experts.down_proj"]
+    assert (up.layer_type, up.batch_dims) == ("mlp_up", 1)
+    assert (down.layer_type, down.batch_dims) == ("mlp_down", 1)
+    opt = SpectralNewton.from_model(FusedMoE())
+    groups = {g["layer_type"]: g for g in opt.param_groups if g["spectral"]}
+    assert groups["mlp_up"]["batch_dims"] == 1 and groups["mlp_up"]["alpha"] == 2.0
+
+
+@pytest.mark.parametrize("alpha", ["by_layer", 1.65, "auto"])
+def test_fused_experts_step_as_the_same_experts_held_apart(alpha):
+    """The same gradients (the split model's, stacked) through both optimizers, 4 steps."""
+    torch.manual_seed(0)
+    fused = FusedMoE()
+    split = SplitMoE(fused)
+    opt_f = SpectralNewton.from_model(fused, alpha=alpha, lr=1e-2)
+    # at alpha 1.65 "auto" gives the split experts a tracked eigenbasis (inexact), a stack the exact float64
+    # Gram: the reference then names "gram"
+    opt_s = SpectralNewton.from_model(split, alpha=alpha, lr=1e-2, basis="gram" if alpha == 1.65 else "auto")
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        opt_s.zero_grad()
+        split(torch.randn(16, D, generator=g)).pow(2).mean().backward()
+        fused.experts.up_proj.grad = torch.stack([ex.up_proj.weight.grad for ex in split.experts])
+        fused.experts.down_proj.grad = torch.stack([ex.down_proj.weight.grad for ex in split.experts])
+        for a, b in zip(fused.head.parameters(), split.head.parameters()):
+            a.grad = b.grad.clone()
+        opt_s.step()
+        opt_f.step()
+    tol = 1e-6  # the same math per matrix, batched differently: float32 round-off
+    for e, ex in enumerate(split.experts):
+        torch.testing.assert_close(fused.experts.up_proj[e], ex.up_proj.weight, atol=tol, rtol=0)
+        torch.testing.assert_close(fused.experts.down_proj[e], ex.down_proj.weight, atol=tol, rtol=0)
+    assert not torch.equal(fused.experts.down_proj[0], SplitMoE(FusedMoE()).experts[0].down_proj.weight)
+    assert "tracked" not in opt_f.state[fused.experts.up_proj]  # no per-expert basis kept for a stack
+
+
+def test_fused_experts_first_step_matches_the_float64_svd_per_expert():
+    torch.manual_seed(0)
+    fused = FusedMoE()
+    opt = SpectralNewton.from_model(fused, alpha=1.3, lr=1.0, momentum=0.0, basis="gram")
+    before = fused.experts.up_proj.detach().clone()
+    x = torch.randn(16, D)
+    fused(x).pow(2).mean().backward()
+    G = fused.experts.up_proj.grad.detach().double()
+    opt.step()
+    got = (before - fused.experts.up_proj.detach()).double()
+    for e in range(E):
+        want = spectral_direction(G[e], 1.3, 1e-4, "svd")
+        want = want * (0.2 * (H * D) ** 0.5 / torch.linalg.matrix_norm(want))  # scale="rms", per expert
+        torch.testing.assert_close(got[e], want, atol=1e-5, rtol=1e-4)
+
+
+def test_batch_dims_errors_say_what_to_change():
+    p = nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(
+        ValueError, match=r"batch_dims=1 needs parameters with at least 3 dims .* batch_dims=0"
+    ):
+        SpectralNewton([{"params": [p], "batch_dims": 1}])
+    q = nn.Parameter(torch.randn(2, 4, 4))
+    with pytest.raises(
+        ValueError, match=r"batch_dims=1 .* basis='eigenbasis' keeps one per matrix; use 'auto'"
+    ):
+        SpectralNewton([q], batch_dims=1, alpha=1.5, basis="eigenbasis")
+    with pytest.raises(ValueError, match=r"batch_dims must be an integer >= 0, got -1"):
+        SpectralNewton([q], batch_dims=-1)
+
+
+def _moe_steps(model, opt, steps, rank=0, world=1):
+    g = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        x = torch.randn(8, D, generator=g)
+        per = 8 // world
+        opt.zero_grad()
+        model(x[rank * per : (rank + 1) * per]).pow(2).mean().backward()
+        opt.step()
+
+
+def moe_worker(rank, world) -> dict:
+    """DDP and FSDP2 (3 experts over 2 ranks: Shard(0) gives 2 + 1 whole experts) against one process."""
+    from dist_scenarios import full_params, wrap
+
+    from spectral_dist.distributed.engine import DistributedEngine
+
+    out = {}
+    for mode in ("ddp", "fsdp2"):
+        torch.manual_seed(0)
+        model = FusedMoE()
+        wrapped, inner = wrap(model, mode)
+        opt = SpectralNewton.from_model(inner, lr=1e-2)
+        _moe_steps(wrapped, opt, 5, rank, world)
+        assert isinstance(opt._engine, DistributedEngine)
+        out[mode] = {n: t.numpy() for n, t in full_params(inner).items()}  # by value through the queue
+    return out
+
+
+def test_fused_experts_over_two_ranks_equal_one_process():
+    from dist_helpers import run_workers
+
+    torch.manual_seed(0)
+    ref_model = FusedMoE()
+    opt = SpectralNewton.from_model(ref_model, lr=1e-2, distributed=False)
+    _moe_steps(ref_model, opt, 5)
+    ref = {n: p.detach() for n, p in ref_model.named_parameters()}
+    for res in run_workers(moe_worker, 2, timeout=300):
+        for mode, got in res.items():
+            for n, r in ref.items():
+                err = float((torch.from_numpy(got[n]) - r).abs().max() / r.abs().max())
+                assert err < 5e-5, (mode, n, err)  # the gradients' reduction order, through alpha-2 Cholesky
