@@ -187,3 +187,15 @@ def test_distributed_probe_quick():
     assert [(row[0], row[1]) for row in rows] == [("local", "1"), ("ddp", "2"), ("fsdp2", "2")]
     h0 = [float(row[-1]) for row in rows]
     assert all(abs(h - h0[0]) <= 1e-3 * abs(h0[0]) + 1e-6 for h in h0), h0
+
+
+def test_moe_step_cost_quick(capsys):
+    msc = _load("moe_step_cost")
+    med = msc.main(["--quick", "--threads", "1"])
+    assert set(med) == set(msc.OPTIMIZERS) and all(v > 0 for v in med.values())
+    out = capsys.readouterr().out
+    assert "| sn_fused |" in out and "| sn_fused_one_matrix |" in out and "/ sn_split" in out
+    # what each row times: a stack per expert, the split Linears, and the old one-matrix view
+    assert msc.build("sn_fused", 2, 8, 12).param_groups[0]["batch_dims"] == 1
+    assert msc.build("sn_fused_one_matrix", 2, 8, 12).param_groups[0]["batch_dims"] == 0
+    assert all(g["batch_dims"] == 0 for g in msc.build("sn_split", 2, 8, 12).param_groups)
