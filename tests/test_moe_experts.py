@@ -144,19 +144,26 @@ def moe_worker(rank, world) -> dict:
     return out
 
 
+def _one_process_reference() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = FusedMoE()
+    _moe_steps(model, SpectralNewton.from_model(model, lr=1e-2, distributed=False), 5)
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def _assert_equal_to(ref: dict, got: dict, what) -> None:
+    for n, r in ref.items():
+        err = float((torch.from_numpy(got[n]) - r).abs().max() / r.abs().max())
+        assert err < 5e-5, (what, n, err)  # the gradients' reduction order, through the alpha-2 Cholesky
+
+
 def test_fused_experts_over_two_ranks_equal_one_process():
     from dist_helpers import run_workers
 
-    torch.manual_seed(0)
-    ref_model = FusedMoE()
-    opt = SpectralNewton.from_model(ref_model, lr=1e-2, distributed=False)
-    _moe_steps(ref_model, opt, 5)
-    ref = {n: p.detach() for n, p in ref_model.named_parameters()}
+    ref = _one_process_reference()
     for res in run_workers(moe_worker, 2, timeout=300):
         for mode, got in res.items():
-            for n, r in ref.items():
-                err = float((torch.from_numpy(got[n]) - r).abs().max() / r.abs().max())
-                assert err < 5e-5, (mode, n, err)  # the gradients' reduction order, through alpha-2 Cholesky
+            _assert_equal_to(ref, got, mode)
 
 
 def zero_moe_worker(rank, world) -> dict:
@@ -206,14 +213,7 @@ def zero_moe_worker(rank, world) -> dict:
 def test_fused_experts_under_zero_equal_one_process():
     from dist_helpers import run_workers
 
-    torch.manual_seed(0)
-    ref_model = FusedMoE()
-    opt = SpectralNewton.from_model(ref_model, lr=1e-2, distributed=False)
-    _moe_steps(ref_model, opt, 5)
-    ref = {n: p.detach() for n, p in ref_model.named_parameters()}
-    res = run_workers(zero_moe_worker, 2, timeout=300)
-    for stage, r in res[0].items():
+    ref = _one_process_reference()
+    for stage, r in run_workers(zero_moe_worker, 2, timeout=300)[0].items():
         assert r["groups"]["mlp_up"] == 1, (stage, r["groups"])
-        for n, want in ref.items():
-            err = float((torch.from_numpy(r["params"][n]) - want).abs().max() / want.abs().max())
-            assert err < 5e-5, (stage, n, err)
+        _assert_equal_to(ref, r["params"], f"ZeRO-{stage}")
