@@ -451,6 +451,13 @@ def test_transformers_architectures_beyond_gpt2_and_vit():
     t = _types(_hf("mamba"))
     mixer = "layers.0.mixer"
     assert t[f"{mixer}.A_log"] == "vector"
+
+    class Custom(nn.Module):  # a parameter named A outside an SSM-like module stays a matrix
+        def __init__(self):
+            super().__init__()
+            self.A = nn.Parameter(torch.randn(8, 8))
+
+    assert _types(nn.Sequential(Custom(), nn.Linear(8, 2)))["0.A"] == "matrix"
     assert t[f"{mixer}.in_proj.weight"] == "matrix" and t[f"{mixer}.out_proj.weight"] == "matrix"
     model = _hf("mixtral")
     opt = SpectralNewton.from_model(model, lr=1e-3)

@@ -97,8 +97,9 @@ _ATTN_SCOPE = re.compile(
 # DistilBERT's attention.q_lin)
 _ATTN_SCOPED_NAME = re.compile(r"(^|\.)(c_proj|proj|dense|out|o|q|k|v|q_lin|k_lin|v_lin|out_lin)$")
 _EXPERTS = re.compile(r"(^|\.)experts(\.|$)")
-# Mamba's state-space parameters: (d_inner, d_state) tables, not linear maps
-_SSM_PARAMS = ("A_log", "A")
+# Mamba's state-space parameters: (d_inner, d_state) tables, not linear maps ("A" only in an SSM-like module:
+# elsewhere a parameter named A may well be a linear map)
+_SSM_MODULE = re.compile(r"mamba|mixer|ssm|s4|s6", re.IGNORECASE)
 _MLP_UP = re.compile(
     r"(^|\.)(up_proj|gate_proj|gate_up_proj|fc1|c_fc|w1|w3|wi|lin1|intermediate|dense_h_to_4h)(\.|$)"
 )
@@ -161,7 +162,9 @@ def _matrix_type(
     pname = name.rsplit(".", 1)[-1]
     if _ADAPTER.search(name):  # before the rest: LoRA factors sit inside q_proj, up_proj, embeddings, convs
         return "adapter", "name", "LoRA factor name"
-    if pname in _SSM_PARAMS and not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+    if (pname == "A_log" or (pname == "A" and _SSM_MODULE.search(type(module).__name__))) and not isinstance(
+        module, (nn.Linear, nn.modules.conv._ConvNd)
+    ):
         return "vector", "name", "state-space parameter (Mamba's A_log)"
     if isinstance(module, nn.modules.conv._ConvNd):
         return "conv", "module", type(module).__name__
