@@ -82,6 +82,23 @@ def make_model():
     return tiny_gpt(vocab_size=256, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2)
 
 
+def train_resumable(model_fn, out_dir, steps, resume=None, save_steps=None):
+    """One process: ``model_fn()``'s model trained ``steps`` steps by the Trainer with SpectralNewton (warmup +
+    cosine), saving every ``save_steps``, resuming from the checkpoint ``resume``. Returns (model, optimizer)."""
+    from transformers import Trainer
+
+    from spectral_dist.integrations.hf import spectral_newton_optimizers
+
+    torch.manual_seed(0)
+    model = model_fn()
+    kw = dict(save_strategy="steps", save_steps=save_steps) if save_steps else {}
+    args = make_args(out_dir, report_to=[], max_steps=steps, lr_scheduler_type="cosine", warmup_steps=2, **kw)
+    opt, sched = spectral_newton_optimizers(model, args)
+    trainer = Trainer(model=model, args=args, train_dataset=ByteCorpus(), optimizers=(opt, sched))
+    trainer.train(resume_from_checkpoint=resume)
+    return model, opt
+
+
 def diagnostics_callback(**kw):
     from spectral_dist.integrations.hf import SpectralDiagnosticsCallback
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import peft  # in the test extra: a missing peft fails here rather than skipping
 import torch
-from hf_trainer_script import ByteCorpus, make_args, make_model
+from hf_trainer_script import make_model, train_resumable
 
 from spectral_dist import SpectralNewton
-from spectral_dist.integrations.hf import spectral_newton_optimizers
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 
@@ -36,16 +35,7 @@ def test_lora_factors_are_adapters_and_the_base_stays_out():
 
 
 def _train(out, steps, resume=None, save_steps=None):
-    from transformers import Trainer
-
-    torch.manual_seed(0)
-    model = _lora_model()
-    kw = dict(save_strategy="steps", save_steps=save_steps) if save_steps else {}
-    args = make_args(out, report_to=[], max_steps=steps, lr_scheduler_type="cosine", warmup_steps=2, **kw)
-    opt, sched = spectral_newton_optimizers(model, args)
-    trainer = Trainer(model=model, args=args, train_dataset=ByteCorpus(), optimizers=(opt, sched))
-    trainer.train(resume_from_checkpoint=resume)
-    return model, opt
+    return train_resumable(_lora_model, out, steps, resume=resume, save_steps=save_steps)
 
 
 def test_trainer_with_lora_resumes_exactly(tmp_path):
