@@ -279,3 +279,37 @@ def test_mixtral_trains_through_the_trainer_and_resumes_exactly(tmp_path):
     steps(model, opt, range(2, 4))
     for n, p in model.named_parameters():
         assert torch.equal(p, straight[n]), n
+
+
+def test_probes_leave_expert_stacks_out_and_refuse_them_by_name():
+    from spectral_dist.probes import CurvatureProbe
+
+    def loss_fn(model, x):
+        return model(x).pow(2).mean()
+
+    probe = CurvatureProbe(FusedMoE(), loss_fn, top_k=2)
+    assert [s["name"] for s in probe.specs] == ["head.weight"]  # the experts (3-D stacks) are not probed
+    with pytest.raises(
+        ValueError, match=r"'experts.up_proj' is a stack of 3 matrices .* probe the model's other"
+    ):
+        CurvatureProbe(FusedMoE(), loss_fn, top_k=2, layers=["experts.up_proj"])
+
+
+def test_trainer_diagnostics_on_mixtral_probe_the_matrices_not_the_expert_stacks(tmp_path):
+    from hf_trainer_script import ByteCorpus, diagnostics_callback, make_args
+    from transformers import Trainer
+
+    from spectral_dist.integrations.hf import spectral_newton_optimizers
+
+    torch.manual_seed(0)
+    model = _tiny_mixtral()
+    args = make_args(tmp_path, report_to=[], max_steps=2)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=ByteCorpus(), optimizers=spectral_newton_optimizers(model, args)
+    )
+    diag = diagnostics_callback(trainer=trainer, every=2, max_layers=0)
+    trainer.add_callback(diag)
+    trainer.train()
+    assert diag.probe_layers and not any(".experts." in n for n in diag.probe_layers)
+    curv = {k for row in trainer.state.log_history for k in row if k.startswith("curv/")}
+    assert any("self_attn.q_proj" in k for k in curv), sorted(curv)[:5]

@@ -30,9 +30,12 @@ SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def matrix_names(model) -> list[str]:
-    """Names of the trainable weight matrices (conv, attention, MLP, other matrices) of an unwrapped model."""
+    """Names of the trainable weight matrices (conv, attention, MLP, other matrices) of an unwrapped model; a
+    stack of matrices (fused MoE experts) is not one matrix and is left out."""
     return [
-        i.name for i in classify_parameters(model) if i.layer_type in SPECTRAL_TYPES and i.param.requires_grad
+        i.name
+        for i in classify_parameters(model)
+        if i.layer_type in SPECTRAL_TYPES and i.param.requires_grad and not i.batch_dims
     ]
 
 

@@ -501,10 +501,10 @@ class SpectralDiagnosticsCallback(TrainerCallback):
     def _matrix_names(self, model: nn.Module) -> list[str]:
         if self.layers is not None:
             return list(self.layers)
-        names = [
+        names = [  # the curvature probe's layers: one matrix each (fused MoE expert stacks are not probed)
             i.name
             for i in classify_parameters(model)
-            if i.layer_type in SPECTRAL_TYPES and i.param.requires_grad
+            if i.layer_type in SPECTRAL_TYPES and i.param.requires_grad and not i.batch_dims
         ]
         return names[: self.max_layers] if self.max_layers else names
 

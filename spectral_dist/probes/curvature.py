@@ -306,7 +306,12 @@ class CurvatureProbe:
             for pname, _p in mod.named_parameters(recurse=False):
                 owner.setdefault(f"{mod_name}.{pname}" if mod_name else pname, mod)
         if layers is None:
-            names = [n for n, i in infos.items() if i.param.ndim >= 2 and i.layer_type in DEFAULT_LAYER_TYPES]
+            # stacks of matrices (fused MoE experts) are left out: a probe measures one matrix's spectrum
+            names = [
+                n
+                for n, i in infos.items()
+                if i.param.ndim >= 2 and i.layer_type in DEFAULT_LAYER_TYPES and not i.batch_dims
+            ]
         else:
             if isinstance(layers, str):
                 raise ValueError("layers must be a list of parameter names, not a single string")
@@ -316,6 +321,12 @@ class CurvatureProbe:
                     raise ValueError(f"layers: {n!r} is not a trainable parameter name of the model")
                 if infos[n].param.ndim < 2:
                     raise ValueError(f"layers: {n!r} has shape {tuple(infos[n].param.shape)}; need a matrix")
+                if infos[n].batch_dims:
+                    raise ValueError(
+                        f"layers: {n!r} is a stack of {infos[n].param.shape[0]} matrices (fused MoE experts, "
+                        f"shape {tuple(infos[n].param.shape)}); the probes measure one matrix at a time and do not "
+                        "take expert stacks yet: probe the model's other matrices"
+                    )
         if not names:
             raise ValueError("layers: the model has no matrix parameters to probe")
         specs = []
