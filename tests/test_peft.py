@@ -94,9 +94,27 @@ def zero_lora_worker(rank, world) -> dict:
     return dict(params={n: t.numpy().copy() for n, t in _lora(engine.module).items()}, types=types)
 
 
-def test_lora_under_zero2_equals_one_process():
-    """LoRA under DeepSpeed ZeRO-2 (2 processes, optimizer from the config, by layer): only the adapters are
-    partitioned and stepped, and they end where one process ends."""
+def fsdp2_lora_worker(rank, world) -> dict:
+    from dist_scenarios import full_params, wrap
+
+    torch.manual_seed(0)
+    model = _lora_model()
+    wrap(model, "fsdp2")  # the frozen base and the adapters in one FSDP2 unit
+    opt = SpectralNewton.from_model(model, lr=1e-2)
+
+    def step(loss):
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    _lora_steps(model, step, rank, world)
+    params = {n: t.numpy().copy() for n, t in full_params(model).items() if "lora_" in n}
+    return dict(params=params, types={g["layer_type"] for g in opt.param_groups})
+
+
+def test_lora_under_zero2_and_fsdp2_equals_one_process():
+    """LoRA on 2 processes, under DeepSpeed ZeRO-2 (optimizer from the config, by layer) and under FSDP2 (frozen
+    base and adapters sharded together): only the adapters are stepped, and they end where one process ends."""
     from dist_helpers import run_workers
 
     torch.manual_seed(0)
@@ -110,8 +128,13 @@ def test_lora_under_zero2_equals_one_process():
 
     _lora_steps(model, step)
     ref = _lora(model)
-    for res in run_workers(zero_lora_worker, 2, timeout=300):
-        assert res["types"] == {"adapter"}
-        for n, r in ref.items():
-            err = float((torch.from_numpy(res["params"][n]) - r).abs().max() / r.abs().max())
-            assert err < 5e-4, (n, err)  # reduction order; lora_B starts at 0, so its values are small
+    for worker in (zero_lora_worker, fsdp2_lora_worker):
+        for res in run_workers(worker, 2, timeout=300):
+            assert res["types"] == {"adapter"}
+            for n, r in ref.items():
+                err = float((torch.from_numpy(res["params"][n]) - r).abs().max() / r.abs().max())
+                assert err < 5e-4, (
+                    worker.__name__,
+                    n,
+                    err,
+                )  # reduction order; lora_B starts at 0: small values
