@@ -313,3 +313,28 @@ def test_trainer_diagnostics_on_mixtral_probe_the_matrices_not_the_expert_stacks
     assert diag.probe_layers and not any(".experts." in n for n in diag.probe_layers)
     curv = {k for row in trainer.state.log_history for k in row if k.startswith("curv/")}
     assert any("self_attn.q_proj" in k for k in curv), sorted(curv)[:5]
+
+
+def test_auto_alpha_probes_the_matrices_and_leaves_expert_stacks_at_their_default():
+    from spectral_dist.optim import AutoAlpha
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.moe = FusedMoE()
+    model.moe.head = nn.Identity()
+    model.mid = nn.Linear(D, D)
+    model.out = nn.Linear(D, 2)
+    opt = SpectralNewton.from_model(model, alpha="auto", lr=1e-2)
+
+    def loss_fn(m, x):
+        return m(x).pow(2).mean()
+
+    auto = AutoAlpha(opt, model, loss_fn, every=1, top_k=2)
+    assert set(auto.targets) == {"mid.weight"}
+    x = torch.randn(16, D)
+    auto.maybe_update(0, x)
+    loss_fn(model, x).backward()
+    opt.step()
+    up = model.moe.experts.up_proj
+    assert opt.state[up]["alpha_estimate"] is None  # not probed: the by-layer default, mlp_up's 2
+    assert opt.resolve_alpha(up, next(g for g in opt.param_groups if up in g["params"])) == 2.0

@@ -35,7 +35,8 @@ class AutoAlpha:
     """Online alpha for the ``alpha="auto"`` matrices of a :class:`SpectralNewton` optimizer.
 
     Args:
-        optimizer: a SpectralNewton with at least one ``alpha="auto"`` matrix parameter.
+        optimizer: a SpectralNewton with at least one ``alpha="auto"`` matrix parameter (stacks of matrices,
+            ``batch_dims`` > 0, are not probed and keep their layer type's default alpha).
         model: the module the optimizer trains (parameter names come from ``model.named_parameters``).
         loss_fn: ``loss_fn(model, batch) -> scalar`` (mean over the batch).
         every: probe every ``every`` steps (step 0 included).
@@ -81,7 +82,8 @@ class AutoAlpha:
         names = {id(p): n for n, p in model.named_parameters()}
         self.targets: dict[str, torch.Tensor] = {}
         for g in optimizer.param_groups:
-            if g["alpha"] != "auto":
+            # stacks of matrices (fused MoE experts, batch_dims > 0) are not probed: they keep the by-layer alpha
+            if g["alpha"] != "auto" or g.get("batch_dims", 0):
                 continue
             for p in g["params"]:
                 if optimizer.is_matrix(p, g):
