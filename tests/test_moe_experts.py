@@ -338,3 +338,16 @@ def test_auto_alpha_probes_the_matrices_and_leaves_expert_stacks_at_their_defaul
     up = model.moe.experts.up_proj
     assert opt.state[up]["alpha_estimate"] is None  # not probed: the by-layer default, mlp_up's 2
     assert opt.resolve_alpha(up, next(g for g in opt.param_groups if up in g["params"])) == 2.0
+
+
+def test_plain_constructor_warns_about_fused_experts_as_one_matrix(recwarn):
+    with pytest.warns(
+        UserWarning, match=r"'experts.up_proj' of shape \(3, 16, 8\) looks like fused MoE experts"
+    ):
+        SpectralNewton(FusedMoE().named_parameters())
+    recwarn.clear()
+    SpectralNewton.from_model(FusedMoE())  # batch_dims=1 there: nothing to say
+    SpectralNewton(
+        [{"params": [FusedMoE().experts.up_proj], "param_names": ["experts.up_proj"], "batch_dims": 1}]
+    )
+    assert not [w for w in recwarn if "fused MoE" in str(w.message)]

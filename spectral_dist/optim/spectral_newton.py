@@ -29,6 +29,7 @@ from ..spectral.direction import JACOBI_STEPS, check_jacobi_steps
 from ..spectral.transform import check_alpha, check_damping
 from . import matrix_step as ms
 from .classify import (
+    _EXPERTS,
     DEFAULT_ALPHA,
     classification_table,
     classify_parameters,
@@ -362,6 +363,14 @@ class SpectralNewton(torch.optim.Optimizer):
                     raise ValueError(
                         f"batch_dims={k} needs parameters with at least {k + 2} dims (a stack of matrices); "
                         f"{what} has shape {tuple(p.shape)}: put it in a group with batch_dims=0"
+                    )
+                if not k and name and p.ndim == 3 and g["spectral"] is not False and _EXPERTS.search(name):
+                    warnings.warn(
+                        f"parameter {name!r} of shape {tuple(p.shape)} looks like fused MoE experts (experts, out, "
+                        "in) but its group has batch_dims=0, so it is stepped as one matrix over all experts; give "
+                        "it a group with batch_dims=1 (one step per expert), or build with SpectralNewton.from_model",
+                        UserWarning,
+                        stacklevel=2,
                     )
                 if g["spectral"] is True and p.ndim < 2:
                     raise ValueError(
