@@ -421,6 +421,31 @@ def _hf(name):
             T.MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=100, state_size=4),
             T.MambaModel,
         ),
+        "gpt_oss": (
+            T.GptOssConfig(
+                **small, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, head_dim=16
+            ),
+            T.GptOssForCausalLM,
+        ),
+        "deepseek_v3": (
+            T.DeepseekV3Config(
+                **small,
+                num_key_value_heads=1,
+                moe_intermediate_size=16,
+                n_routed_experts=4,
+                num_experts_per_tok=2,
+                n_shared_experts=1,
+                first_k_dense_replace=0,
+                kv_lora_rank=8,
+                q_lora_rank=8,
+                qk_rope_head_dim=8,
+                qk_nope_head_dim=8,
+                v_head_dim=8,
+                n_group=1,
+                topk_group=1,
+            ),
+            T.DeepseekV3ForCausalLM,
+        ),
         "swin": (
             T.SwinConfig(
                 image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4
@@ -459,6 +484,14 @@ def test_transformers_architectures_beyond_gpt2_and_vit():
 
     assert _types(nn.Sequential(Custom(), nn.Linear(8, 2)))["0.A"] == "matrix"
     assert t[f"{mixer}.in_proj.weight"] == "matrix" and t[f"{mixer}.out_proj.weight"] == "matrix"
+    t = _types(_hf("gpt_oss"))  # per-expert bias stacks (experts, out) are biases, not matrices
+    assert t["model.layers.0.mlp.experts.gate_up_proj_bias"] == "bias"
+    assert t["model.layers.0.mlp.experts.gate_up_proj"] == "mlp_up"
+    t = _types(_hf("deepseek_v3"))  # MLA's low-rank projections are attention's
+    attn = "model.layers.0.self_attn"
+    assert {t[f"{attn}.{x}.weight"] for x in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")} == {
+        "attention"
+    }
     model = _hf("mixtral")
     opt = SpectralNewton.from_model(model, lr=1e-3)
     params = dict(model.named_parameters())

@@ -183,7 +183,8 @@ def _matrix_type(
         and (_ATTN_SCOPE.search(mod_name) or isinstance(parent, nn.MultiheadAttention))
     ):
         return "attention", "name", "q/k/v/out projection name"
-    if _ATTN_SCOPE.search(mod_name) and _ATTN_SCOPED_NAME.search(mod_name):
+    if _ATTN_SCOPE.search(mod_name) and (_ATTN_SCOPED_NAME.search(mod_name) or isinstance(module, nn.Linear)):
+        # any Linear of an attention module: also MLA's low-rank q_a/q_b/kv_a/kv_b projections (DeepSeek)
         return "attention", "name", "projection inside an attention module"
     if _MLP_UP.search(mod_name):
         return "mlp_up", "name", "up/gate projection name"
@@ -577,7 +578,11 @@ def classify_parameters(
                 as_name = f"{as_mod_name}.{tensor}" if as_mod_name else tensor
             how, reason = "module", type(as_module).__name__
             bdims = 0
-            if p.ndim >= 2 and _fused_experts(as_name, as_module, p) and not _ADAPTER.search(as_name):
+            if p.ndim >= 2 and (
+                pname == "bias" or pname.endswith("_bias")
+            ):  # per-expert bias stacks (GPT-OSS)
+                t, how, reason = "bias", "name", f"bias of shape {tuple(p.shape)}"
+            elif p.ndim >= 2 and _fused_experts(as_name, as_module, p) and not _ADAPTER.search(as_name):
                 t = (
                     "mlp_up"
                     if _MLP_UP.search(as_name)
