@@ -127,7 +127,7 @@ def _moe_steps(model, opt, steps, rank=0, world=1):
 
 
 def moe_worker(rank, world) -> dict:
-    """DDP and FSDP2 (3 experts over 2 ranks: Shard(0) gives 2 + 1 whole experts) against one process."""
+    """DDP and FSDP2 (Shard(0) of 3 experts: whole experts per rank) against one process."""
     from dist_scenarios import full_params, wrap
 
     from spectral_dist.distributed.engine import DistributedEngine
@@ -157,11 +157,13 @@ def _assert_equal_to(ref: dict, got: dict, what) -> None:
         assert err < 5e-5, (what, n, err)  # the gradients' reduction order, through the alpha-2 Cholesky
 
 
-def test_fused_experts_over_two_ranks_equal_one_process():
+@pytest.mark.parametrize("world", [2, 4])
+def test_fused_experts_over_ranks_equal_one_process(world):
+    """3 experts: 2 + 1 per FSDP2 shard at 2 ranks, one rank with none at 4."""
     from dist_helpers import run_workers
 
     ref = _one_process_reference()
-    for res in run_workers(moe_worker, 2, timeout=300):
+    for res in run_workers(moe_worker, world, timeout=300):
         for mode, got in res.items():
             _assert_equal_to(ref, got, mode)
 
