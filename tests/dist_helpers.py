@@ -92,3 +92,17 @@ def run_workers(fn, world_size: int, *args, timeout: float = 240, pg_timeout: fl
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+def spectral_ds_config(micro: int, stage: int, **zero) -> dict:
+    """A DeepSpeed config for the CPU tests that compare with one process: SpectralNewton from the config (alpha
+    by layer, lr 1e-2), ZeRO ``stage`` (``zero``: more zero_optimization keys), no gradient clipping (DeepSpeed's
+    default is 1.0; the one-process references do not clip)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "steps_per_print": 10**9,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": stage, **zero},
+        "optimizer": {"type": "spectral_newton", "params": {"lr": 1e-2, "alpha": "by_layer"}},
+    }

@@ -174,22 +174,15 @@ def zero_moe_worker(rank, world) -> dict:
     import os
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from dist_helpers import spectral_ds_config
+
     from spectral_dist.deepspeed import initialize
 
     out = {}
     for stage in (2, 3):
         torch.manual_seed(0)
-        cfg = {
-            "train_micro_batch_size_per_gpu": 8 // world,
-            "gradient_accumulation_steps": 1,
-            "steps_per_print": 10**9,
-            "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0; the reference does not clip
-            "zero_optimization": {
-                "stage": stage,
-                **({"stage3_param_persistence_threshold": 10} if stage == 3 else {}),
-            },
-            "optimizer": {"type": "spectral_newton", "params": {"lr": 1e-2, "alpha": "by_layer"}},
-        }
+        zero = {"stage3_param_persistence_threshold": 10} if stage == 3 else {}  # partition the experts
+        cfg = spectral_ds_config(8 // world, stage, **zero)
         engine, *_ = initialize(model=FusedMoE(), config=cfg)
         g = torch.Generator().manual_seed(7)
         per = 8 // world

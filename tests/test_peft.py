@@ -72,18 +72,12 @@ def zero_lora_worker(rank, world) -> dict:
     import os
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from dist_helpers import spectral_ds_config
+
     from spectral_dist.deepspeed import initialize
 
     torch.manual_seed(0)
-    cfg = {
-        "train_micro_batch_size_per_gpu": 4 // world,
-        "gradient_accumulation_steps": 1,
-        "steps_per_print": 10**9,
-        "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0; the reference does not clip
-        "zero_optimization": {"stage": 2},
-        "optimizer": {"type": "spectral_newton", "params": {"lr": 1e-2, "alpha": "by_layer"}},
-    }
-    engine, *_ = initialize(model=_lora_model(), config=cfg)
+    engine, *_ = initialize(model=_lora_model(), config=spectral_ds_config(4 // world, 2))
 
     def step(loss):
         engine.backward(loss)

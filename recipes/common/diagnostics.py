@@ -22,7 +22,8 @@ import torch
 from accelerate.utils import DistributedType
 
 from spectral_dist.logging.metrics import CURVATURE_KEYS, curvature_metrics
-from spectral_dist.optim.classify import SPECTRAL_TYPES, classify_parameters
+from spectral_dist.optim.classify import classify_parameters
+from spectral_dist.optim.classify import matrix_names as classify_matrix_names
 
 __all__ = ["RecipeDiagnostics", "CURVATURE_KEYS", "matrix_names"]
 
@@ -32,11 +33,7 @@ SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 def matrix_names(model) -> list[str]:
     """Names of the trainable weight matrices (conv, attention, MLP, other matrices) of an unwrapped model; a
     stack of matrices (fused MoE experts) is not one matrix and is left out."""
-    return [
-        i.name
-        for i in classify_parameters(model)
-        if i.layer_type in SPECTRAL_TYPES and i.param.requires_grad and not i.batch_dims
-    ]
+    return classify_matrix_names(classify_parameters(model))
 
 
 class RecipeDiagnostics:

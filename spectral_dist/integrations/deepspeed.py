@@ -280,10 +280,10 @@ class ZeroSlot:
     __slots__ = ("opt", "key", "gi", "flat", "fo", "n", "param", "kind", "mshape", "layout", "shape")
     _BUFFER = {"momentum_buffer": "exp_avg", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
 
-    def __init__(self, opt, key, gi, flat, fo, n, param, kind, mshape, layout, shape=None):
+    def __init__(self, opt, key, gi, flat, fo, n, param, kind, mshape, layout, shape):
         self.opt, self.key, self.gi, self.flat, self.fo, self.n = opt, key, gi, flat, fo, n
         self.param, self.kind, self.mshape, self.layout = param, kind, mshape, layout
-        self.shape = mshape if shape is None else shape  # the parameter's own shape (ZeRO-3 empties param)
+        self.shape = shape  # the parameter's own shape (ZeRO-3 leaves ``param`` empty)
 
     @property
     def group(self) -> dict:

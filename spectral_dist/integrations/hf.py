@@ -39,7 +39,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, get_schedu
 
 from ..logging.metrics import CURVATURE_KEYS  # noqa: E402
 from ..logging.metrics import curvature_metrics as _curvature_metrics  # noqa: E402
-from ..optim.classify import SPECTRAL_TYPES, classify_parameters  # noqa: E402
+from ..optim.classify import classify_parameters, matrix_names  # noqa: E402
 from ..optim.spectral_newton import SpectralNewton  # noqa: E402
 
 __all__ = [
@@ -501,11 +501,7 @@ class SpectralDiagnosticsCallback(TrainerCallback):
     def _matrix_names(self, model: nn.Module) -> list[str]:
         if self.layers is not None:
             return list(self.layers)
-        names = [  # the curvature probe's layers: one matrix each (fused MoE expert stacks are not probed)
-            i.name
-            for i in classify_parameters(model)
-            if i.layer_type in SPECTRAL_TYPES and i.param.requires_grad and not i.batch_dims
-        ]
+        names = matrix_names(classify_parameters(model))  # the probe's layers: expert stacks left out
         return names[: self.max_layers] if self.max_layers else names
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -522,11 +518,7 @@ class SpectralDiagnosticsCallback(TrainerCallback):
             from ..diagnostics import TrajectoryMonitor
 
             named = dict(model.named_parameters())
-            all_matrices = [
-                i.name
-                for i in classify_parameters(model)
-                if i.layer_type in SPECTRAL_TYPES and i.param.requires_grad
-            ]
+            all_matrices = matrix_names(classify_parameters(model), stacks=True)
             self.monitor = TrajectoryMonitor(
                 [(n, named[n]) for n in all_matrices],
                 sketch_dim=self.traj_sketch_dim,

@@ -57,6 +57,7 @@ __all__ = [
     "classify_parameters",
     "classification_table",
     "fallback_warning",
+    "matrix_names",
     "resolve_alpha_map",
 ]
 
@@ -154,10 +155,10 @@ def _last_top_level_linear(model: nn.Module) -> str | None:
 
 
 def _matrix_type(
-    name: str, module: nn.Module, head_name: str | None, parent: nn.Module | None = None, p=None
+    name: str, module: nn.Module, head_name: str | None, parent: nn.Module | None = None
 ) -> tuple[str, str, str]:
     """(layer type, how, reason) of a parameter with ndim >= 2 from its module's type and its name
-    (``parent``: the module's parent, ``p``: the parameter, for the rules that need them)."""
+    (``parent``: the module's parent, for nn.MultiheadAttention's out_proj)."""
     mod_name = name.rsplit(".", 1)[0] if "." in name else ""
     pname = name.rsplit(".", 1)[-1]
     if _ADAPTER.search(name):  # before the rest: LoRA factors sit inside q_proj, up_proj, embeddings, convs
@@ -594,9 +595,7 @@ def classify_parameters(
                 reason = f"fused MoE experts: {p.shape[0]} matrices {tuple(p.shape[1:])}, one step each"
             elif p.ndim >= 2:
                 parent = modules.get(as_mod_name.rsplit(".", 1)[0] if "." in as_mod_name else "")
-                t, how, reason = _matrix_type(
-                    as_name, as_module, head_name, parent if as_mod_name else None, p
-                )
+                t, how, reason = _matrix_type(as_name, as_module, head_name, parent if as_mod_name else None)
                 if as_mod_name in head_names:
                     t, how, reason = "head", "user", "head_names"
                 elif t == "matrix" and p.ndim >= 3:
@@ -662,6 +661,17 @@ def fallback_warning(infos: list[ParamInfo]) -> str | None:
         "them from a traced forward, an alpha mapping or number to set them yourself, or verbose=True to see "
         "the table"
     )
+
+
+def matrix_names(infos: list[ParamInfo], stacks: bool = False) -> list[str]:
+    """Names of the trainable spectral matrices among ``infos`` (conv, attention, MLP, adapters, other
+    matrices), in order; ``stacks=False`` leaves out stacks of matrices (fused MoE experts, ``batch_dims`` > 0),
+    which the curvature probe does not take (it measures one matrix at a time)."""
+    return [
+        i.name
+        for i in infos
+        if i.layer_type in SPECTRAL_TYPES and i.param.requires_grad and (stacks or not i.batch_dims)
+    ]
 
 
 def resolve_alpha_map(alpha) -> dict[str, float | str]:

@@ -65,6 +65,11 @@ def normalize_name(name: str) -> str:
     return ".".join(s for s in name.split(".") if s not in _WRAPPER_SEGMENTS)
 
 
+def _label(p: torch.Tensor, name: str | None) -> str:
+    """How an error names a parameter: by name when the group has names, else by shape."""
+    return f"parameter {name!r}" if name else f"a parameter of shape {tuple(p.shape)}"
+
+
 def _check_nonneg(name, value):
     if (
         isinstance(value, bool)
@@ -350,7 +355,7 @@ class SpectralNewton(torch.optim.Optimizer):
             names = g.get("param_names") or [None] * len(g["params"])
             for p, name in zip(g["params"], names):
                 if not p.is_floating_point():
-                    what = f"parameter {name!r}" if name else f"a parameter of shape {tuple(p.shape)}"
+                    what = _label(p, name)
                     raise ValueError(
                         f"{what} has dtype {p.dtype}: SpectralNewton steps real floating-point parameters only "
                         "(its transposes and norms are those of real matrices, and a complex gradient would be "
@@ -359,7 +364,7 @@ class SpectralNewton(torch.optim.Optimizer):
                     )
                 k = g.get("batch_dims", 0)
                 if k and p.ndim >= 2 and g["spectral"] is not False and p.ndim < k + 2:
-                    what = f"parameter {name!r}" if name else f"a parameter of shape {tuple(p.shape)}"
+                    what = _label(p, name)
                     raise ValueError(
                         f"batch_dims={k} needs parameters with at least {k + 2} dims (a stack of matrices); "
                         f"{what} has shape {tuple(p.shape)}: put it in a group with batch_dims=0"
@@ -680,7 +685,7 @@ class SpectralNewton(torch.optim.Optimizer):
             for i, p in enumerate(g["params"]):
                 if p.grad is not None and p.grad.layout != torch.strided:  # before anything changes
                     name = (g.get("param_names") or [None] * (i + 1))[i]
-                    what = f"parameter {name!r}" if name else f"a parameter of shape {tuple(p.shape)}"
+                    what = _label(p, name)
                     raise RuntimeError(
                         f"{what} has a {p.grad.layout} gradient: SpectralNewton (like torch's AdamW) "
                         "needs dense gradients; build the module without sparse gradients, e.g. "
